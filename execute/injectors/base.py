@@ -48,6 +48,10 @@ class Handle(Protocol):
     @property
     def rules(self) -> list[str]: ...
 
+    def matched(self) -> int | None:
+        """Packets the fault's rules have caught so far (None if the kernel cannot say)."""
+        ...
+
 
 class Injector(Protocol):
     name: ClassVar[str]
