@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 export PYTHONSAFEPATH := 1
 
 APT_PACKAGES := dnsmasq-base redis-server nftables iptables iproute2 tcpdump libpcap0.8 \
-	libnetfilter-queue-dev dnsutils iputils-ping procps util-linux openssl gcc python3-dev
+	libnetfilter-queue-dev dnsutils iputils-ping procps util-linux openssl gcc python3-dev \
+	chromium tshark dnsperf
 STAMPS := .stamps
 
 .PHONY: demo test lint fmt bench install system clean

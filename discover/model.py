@@ -12,10 +12,10 @@ from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
 import networkx as nx
-from depdrill.discover.tls.model import ChainReport
 from pydantic import Field
 
 from depdrill.artifact import Artifact, Frozen
+from depdrill.discover.tls.model import ChainReport
 from depdrill.netns import Target
 
 Proto = Literal["tcp", "udp"]
@@ -93,6 +93,7 @@ class QueriesEdge(Seen):
     source: str
     target: str
     transport: Literal["udp", "tcp"] = "udp"
+    tcp_queries: int = 0  # of `count`, how many went over TCP (truncation retries, large answers)
 
 
 class ResolvedEdge(Seen):
@@ -104,6 +105,11 @@ class ResolvedEdge(Seen):
     qtypes: list[str] = []
     rcodes: dict[str, int] = {}  # NOERROR: 12, NXDOMAIN: 1
     unanswered: int = 0
+    truncated: int = 0  # UDP answers with the TC bit (the client should retry over TCP)
+    # Search-path expansions folded into this name: `name.svc.cluster.local` asked (NXDOMAIN)
+    # before `name` itself succeeded; `expansion_queries` is the lookups they cost.
+    expansions: list[str] = []
+    expansion_queries: int = 0
 
 
 class CnameEdge(Frozen):

@@ -6,11 +6,11 @@ from datetime import datetime
 from enum import StrEnum
 from typing import ClassVar, Literal
 
-from depdrill.discover.tls.model import ChainReport
-from depdrill.generate.model import Suite
 from pydantic import Field
 
 from depdrill.artifact import Artifact, Frozen
+from depdrill.discover.tls.model import ChainReport
+from depdrill.generate.model import Suite
 
 
 class Verdict(StrEnum):
@@ -89,6 +89,8 @@ class Stats(Frozen):
 
 
 class TestResult(Frozen):
+    __test__: ClassVar[bool] = False  # not a pytest class, despite the name
+
     id: str
     kind: str
     dependency: str | None = None

@@ -91,10 +91,20 @@ class ServiceSpec(Frozen):
     slo: Slo = Slo()
 
 
+class Selection(Frozen):
+    """How the generator chose the tests, so that a regeneration chooses the same way."""
+
+    latency_ms: list[Annotated[int, Field(ge=1, le=60_000)]] = [100, 1000]
+    jitter_ms: Annotated[int, Field(ge=0, le=60_000)] = 0
+    include: list[Annotated[str, Field(max_length=253)]] = []  # globs on dependency names
+    exclude: list[Annotated[str, Field(max_length=253)]] = []
+
+
 class Defaults(Frozen):
     timing: Timing = Timing()
     warn_days: Annotated[int, Field(ge=0, le=3650)] = 30
     ca_bundle: str | None = None
+    selection: Selection | None = None  # written by the generator; not read by the runner
 
 
 class BlackholeFault(Frozen):
@@ -138,6 +148,8 @@ class CertCheck(Frozen):
 
 
 class SuiteTest(Frozen):
+    __test__: ClassVar[bool] = False
+
     id: Annotated[str, Field(max_length=300)]
     dependency: Annotated[str, Field(max_length=253)] | None = None
     why: str = ""  # how discovery justified this test ("seen 412 queries, ...")
@@ -146,6 +158,9 @@ class SuiteTest(Frozen):
     skip: bool = False
     note: str | None = None
     slo: Slo | None = None  # overrides the service's SLO for this test
+    # Set by a regeneration: the dependency was not in the latest graph, and the test stays
+    # only because a person edited it. A removed test is not run.
+    removed: bool = False
 
     @model_validator(mode="after")
     def _one_action(self) -> SuiteTest:
@@ -173,6 +188,8 @@ class Suite(Artifact):
     service: ServiceSpec
     defaults: Defaults = Defaults()
     tests: list[SuiteTest]
+    # What the generator left out and why ("x: resolved but never reached").
+    notes: list[str] = []
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Suite:

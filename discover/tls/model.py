@@ -17,7 +17,7 @@ class Severity(StrEnum):
 class Finding(Frozen):
     """One defect or fact about a chain. `code` is part of depdrill's interface."""
 
-    code: str  # expired, not-yet-valid, expiring-soon, hostname-mismatch, ... (see tls/findings)
+    code: str  # expired, not-yet-valid, expiring-soon, hostname-mismatch, ... (see diagnose.Code)
     severity: Severity
     message: str
     certificate: int | None = None  # index into ChainReport.served, when it is about one
@@ -45,6 +45,7 @@ class CertFacts(Frozen):
     must_staple: bool = False
     fingerprint_sha256: str
     pem: str
+    problems: list[str] = []  # fields that could not be parsed (malformed or duplicate extensions)
 
 
 class ChainReport(Frozen):
@@ -60,6 +61,8 @@ class ChainReport(Frozen):
     served: list[CertFacts] = []  # wire order
     path: list[CertFacts] = []  # leaf first, up to the trust anchor; empty if none was built
     verified: bool = False
+    stapled: bool = False  # the server stapled an OCSP response
+    aia_fetched: list[str] = []  # AIA CA Issuers URLs that supplied a missing intermediate
     findings: list[Finding] = []
     earliest_expiry_served: datetime | None = None
     earliest_expiry_path: datetime | None = None

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import ClassVar, Protocol
+from typing import ClassVar, Literal, Protocol
 
 from depdrill.execute.model import ErrorReason
 from depdrill.generate.model import Fault
-
 from depdrill.netns import Target
 
 
@@ -42,6 +41,30 @@ class InjectorError(Exception):
         self.message = message
 
 
+KernelObjectKind = Literal["nft-table", "iptables-rule", "qdisc"]
+
+
+@dataclass(frozen=True)
+class KernelObject:
+    """One thing a fault puts into the kernel, named so that cleanup can find and remove it."""
+
+    kind: KernelObjectKind
+    name: str  # nft table name; the iptables rule's comment tag; the qdisc handle "dd00:"
+    where: str = ""  # nft family; "<binary> <table> <chain>"; the interface name
+    spec: str = ""  # the exact iptables rule spec (after -A/-D), empty otherwise
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What apply() will install, decided before anything is installed (to journal it first)."""
+
+    injector: str
+    fault: Fault
+    ctx: FaultContext
+    rules: list[str]
+    objects: list[KernelObject]
+
+
 class Handle(Protocol):
     """What apply() returns: enough to revert, and what to show of it."""
 
@@ -64,6 +87,14 @@ class Injector(Protocol):
 
     def rules(self, fault: Fault, ctx: FaultContext) -> list[str]:
         """The exact rules/messages apply() would install (for --dry-run and results)."""
+        ...
+
+    def plan(self, fault: Fault, ctx: FaultContext) -> Plan:
+        """Name every kernel object and write every rule, installing nothing."""
+        ...
+
+    def apply_plan(self, plan: Plan) -> Handle:
+        """Install exactly what plan() decided (the safety session journals the plan first)."""
         ...
 
     def apply(self, fault: Fault, ctx: FaultContext) -> Handle: ...

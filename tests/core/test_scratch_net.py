@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from conftest import ScratchNet, sh
+from depdrill.testing import ScratchNet, sh
 
 
 def test_namespaces_on_the_bridge_reach_each_other_and_vanish(scratch_net: ScratchNet) -> None:

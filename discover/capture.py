@@ -1,0 +1,331 @@
+"""Packets in: live from the target namespace (AF_PACKET + kernel BPF), or from pcap/pcapng.
+
+The only module that touches scapy, and only lazily: libpcap (through scapy) compiles the
+filter, scapy reads capture files. The live socket is a cooked (SOCK_DGRAM) packet socket
+opened inside the target namespace, so every frame arrives as an IP packet whatever the
+interface type, and it stays bound to that namespace after this thread leaves it. Packets
+are read from a TPACKET_V3 ring (one wake-up per block of packets), or one `recv` at a
+time where the kernel has no ring.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import mmap
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+from depdrill.discover.packets import Segment, decode_frame, decode_ip
+from depdrill.errors import CapabilityError, InputError
+from depdrill.netns import Target, entered
+
+ETH_P_ALL: Final = 0x0003
+SOL_PACKET: Final = 263
+PACKET_STATISTICS: Final = 6
+SO_ATTACH_FILTER: Final = 26
+SO_RCVBUFFORCE: Final = 33
+ARPHRD_LOOPBACK: Final = 772
+DLT_RAW: Final = 12
+RECEIVE_BUFFER: Final = 32 << 20  # bursts of DNS must not overflow the socket (64 KiB default)
+POLL_S: Final = 0.1  # how often a blocked capture looks at its stop event
+BATCH: Final = 512
+MAX_FILTER_ADDRESSES: Final = 64
+PACKET_RX_RING: Final = 5
+PACKET_VERSION: Final = 10
+TPACKET_V3: Final = 2
+TP_STATUS_USER: Final = 1
+RING_BLOCK: Final = 1 << 20
+RING_BLOCKS: Final = 32  # 32 MiB of ring: bursts of DNS wait here, not in the kernel's drops
+RING_FRAME: Final = 2048
+RING_RETIRE_MS: Final = 50  # a partly filled block is handed over after this long
+_BLOCK_HEADER: Final = struct.Struct("=2I")  # num_pkts, offset_to_first_pkt (at +12)
+_FRAME_HEADER: Final = struct.Struct("=6I2H")  # tpacket3_hdr up to tp_net
+_SLL_HATYPE_AT: Final = 48 + 8  # sockaddr_ll follows the aligned tpacket3_hdr
+
+# DNS both ways on 53 (and DoT's SYNs below); connection attempts (SYN without ACK); TLS
+# ClientHello records (handshake 0x16, message type 1) at the start of a TCP payload. libpcap
+# cannot index past IPv6 headers with tcp[], so IPv6 reads fixed offsets (no extension headers).
+_BASE_FILTER: Final = (
+    "udp port 53 or tcp port 53"
+    " or (ip and tcp[tcpflags] & (tcp-syn|tcp-ack) = tcp-syn)"
+    " or (ip and tcp and tcp[((tcp[12] & 0xf0) >> 2)] = 0x16"
+    " and tcp[((tcp[12] & 0xf0) >> 2) + 5] = 1)"
+    " or (ip6 and ip6[6] = 6 and ip6[53] & 0x12 = 0x02)"
+    " or (ip6 and ip6[6] = 6 and ip6[40 + ((ip6[52] & 0xf0) >> 2)] = 0x16"
+    " and ip6[45 + ((ip6[52] & 0xf0) >> 2)] = 1)"
+)
+
+
+def bpf_filter(service_addresses: list[str]) -> str:
+    """The kernel filter: DNS, SYNs, ClientHellos, and UDP sent from the service's addresses."""
+    if not service_addresses or len(service_addresses) > MAX_FILTER_ADDRESSES:
+        return _BASE_FILTER + " or udp"
+    hosts = " or ".join(f"src host {a}" for a in sorted(service_addresses))
+    return f"{_BASE_FILTER} or (udp and ({hosts}))"
+
+
+def compile_bpf(expression: str) -> bytes:
+    """The filter as a `struct sock_fprog` for SO_ATTACH_FILTER (libpcap compiles it)."""
+    from scapy.arch.common import compile_filter
+
+    try:
+        program = compile_filter(expression, linktype=DLT_RAW)
+    except ImportError:
+        raise CapabilityError(
+            "libpcap is needed to compile the capture filter (apt-get install libpcap0.8)"
+        ) from None
+    # libpcap's bpf_program {u_int len; insn *ptr} has the layout of the kernel's sock_fprog
+    # {u_short len; insn *ptr} on little-endian 64-bit Linux: scapy's attach_filter relies on it.
+    return bytes(program)
+
+
+class LiveCapture:
+    """A packet socket in the target's namespace with the BPF filter attached."""
+
+    def __init__(self, sock: socket.socket, interfaces: list[str], addresses: list[str]) -> None:
+        self._sock = sock
+        self.interfaces = interfaces
+        self.service_addresses = addresses
+        self.filter = ""
+        self.kernel_drops = 0
+        self.packet_count = 0
+        self._ring: _Ring | None = None
+
+    @classmethod
+    def open(cls, target: Target) -> LiveCapture:
+        with entered(target):
+            try:
+                sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
+            except PermissionError:
+                raise CapabilityError(
+                    "cannot open a packet socket: needs CAP_NET_RAW (run as root)"
+                ) from None
+            try:
+                interfaces = [n for _, n in socket.if_nameindex() if n != "lo"]
+                addresses = _namespace_addresses()
+            except BaseException:
+                sock.close()
+                raise
+        capture = cls(sock, sorted(interfaces), addresses)
+        try:
+            capture._configure()
+        except BaseException:
+            sock.close()
+            raise
+        return capture
+
+    def _configure(self) -> None:
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+        except PermissionError:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        self.filter = bpf_filter(self.service_addresses)
+        self._sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, compile_bpf(self.filter))
+        self._sock.setblocking(False)
+        try:
+            self._ring = _Ring(self._sock)
+        except OSError:
+            self._ring = None  # no TPACKET_V3 here: read the socket one packet at a time
+        # Packets queued before the filter was attached were not filtered: discard them.
+        for _ in range(100_000):
+            try:
+                self._sock.recv(65536)
+            except BlockingIOError:
+                break
+        self._read_drops()
+        self.kernel_drops = 0
+
+    def packets(
+        self, duration_s: float, stop: threading.Event | None = None
+    ) -> Iterator[tuple[float, Segment | None]]:
+        """(time, segment) until `duration_s` passes or `stop` is set; lo is skipped."""
+        if self._ring is not None:
+            yield from self._ring_packets(self._ring, duration_s, stop)
+            return
+        buffer = bytearray(1 << 18)  # GRO can hand over 64 KiB+ super-packets
+        view = memoryview(buffer)
+        deadline = time.monotonic() + duration_s
+        last_stats = time.monotonic()
+        try:
+            while not (stop is not None and stop.is_set()):
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                if now - last_stats > 1.0:  # the kernel counter is 32 bits and resets on read
+                    self._read_drops()
+                    last_stats = now
+                ready, _, _ = select.select([self._sock], [], [], min(POLL_S, deadline - now))
+                if not ready:
+                    continue
+                for _ in range(BATCH):
+                    try:
+                        size, address = self._sock.recvfrom_into(buffer)
+                    except BlockingIOError:
+                        break
+                    if address[3] == ARPHRD_LOOPBACK:
+                        continue
+                    self.packet_count += 1
+                    yield time.time(), decode_ip(bytes(view[:size]))
+        finally:
+            view.release()
+            self._read_drops()
+
+    def _ring_packets(
+        self, ring: _Ring, duration_s: float, stop: threading.Event | None
+    ) -> Iterator[tuple[float, Segment | None]]:
+        deadline = time.monotonic() + duration_s
+        last_stats = time.monotonic()
+        try:
+            while not (stop is not None and stop.is_set()):
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                if now - last_stats > 1.0:
+                    self._read_drops()
+                    last_stats = now
+                block = ring.ready_block()
+                if block is None:
+                    select.select([self._sock], [], [], min(POLL_S, deadline - now))
+                    continue
+                try:
+                    for t, packet, hatype in ring.frames(block):
+                        if hatype == ARPHRD_LOOPBACK:
+                            continue
+                        self.packet_count += 1
+                        yield t, decode_ip(packet)
+                finally:
+                    ring.release(block)
+        finally:
+            self._read_drops()
+
+    def _read_drops(self) -> None:
+        raw = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
+        _, drops = struct.unpack("II", raw)
+        self.kernel_drops += drops
+
+    def close(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+        self._sock.close()
+
+    def __enter__(self) -> LiveCapture:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class _Ring:
+    """A TPACKET_V3 receive ring: the kernel fills blocks of packets, we read them in place.
+
+    One syscall per block instead of one per packet; layouts are the kernel's
+    (linux/if_packet.h): tpacket_block_desc, tpacket3_hdr, then sockaddr_ll.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+        frames = RING_BLOCK * RING_BLOCKS // RING_FRAME
+        request = struct.pack(
+            "=7I", RING_BLOCK, RING_BLOCKS, RING_FRAME, frames, RING_RETIRE_MS, 0, 0
+        )
+        sock.setsockopt(SOL_PACKET, PACKET_RX_RING, request)
+        self._map = mmap.mmap(
+            sock.fileno(),
+            RING_BLOCK * RING_BLOCKS,
+            mmap.MAP_SHARED,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+        self._next = 0
+
+    def ready_block(self) -> int | None:
+        """The offset of the next block if the kernel has handed it to us."""
+        offset = self._next * RING_BLOCK
+        status = int.from_bytes(self._map[offset + 8 : offset + 12], "little")
+        return offset if status & TP_STATUS_USER else None
+
+    def frames(self, block: int) -> Iterator[tuple[float, bytes, int]]:
+        count, first = _BLOCK_HEADER.unpack_from(self._map, block + 12)
+        at = block + first
+        end = block + RING_BLOCK
+        for _ in range(count):
+            if at + _SLL_HATYPE_AT + 2 > end:
+                break
+            step, sec, nsec, snaplen, _, _, _, net = _FRAME_HEADER.unpack_from(self._map, at)
+            hatype = int.from_bytes(
+                self._map[at + _SLL_HATYPE_AT : at + _SLL_HATYPE_AT + 2], "little"
+            )
+            yield sec + nsec / 1e9, self._map[at + net : min(end, at + net + snaplen)], hatype
+            if not step:
+                break
+            at += step
+
+    def release(self, block: int) -> None:
+        """Hand the block back to the kernel and move to the next one."""
+        self._map[block + 8 : block + 12] = b"\0\0\0\0"
+        self._next = (self._next + 1) % RING_BLOCKS
+
+    def close(self) -> None:
+        self._map.close()
+
+
+def _namespace_addresses() -> list[str]:
+    """This thread's namespace's own addresses (the service sends from these)."""
+    from pyroute2 import IPRoute
+
+    found: set[str] = set()
+    with IPRoute() as ipr:
+        for message in ipr.get_addr():
+            text = message.get_attr("IFA_LOCAL") or message.get_attr("IFA_ADDRESS")
+            if text:
+                found.add(ipaddress.ip_address(text.split("%")[0]).compressed)
+    return sorted(found)
+
+
+def read_pcap(path: Path) -> Iterator[tuple[float, Segment | None]]:
+    """(time, segment) for every packet of a pcap or pcapng file; unknown frames give None."""
+    from scapy.error import Scapy_Exception
+    from scapy.utils import RawPcapReader
+
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed below; scapy leaks its own on errors
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, expected a capture file") from None
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    with handle:
+        try:
+            reader = RawPcapReader(handle)  # type: ignore[arg-type]  # its metaclass takes files
+        except (Scapy_Exception, EOFError, OSError, struct.error):
+            raise InputError(f"{path}: not a pcap or pcapng capture file") from None
+        try:
+            default_linktype = getattr(reader, "linktype", 1)
+            nano = bool(getattr(reader, "nano", False))
+            for frame, meta in reader:
+                linktype = getattr(meta, "linktype", default_linktype)
+                yield _pcap_time(meta, nano), decode_frame(frame, linktype)
+        except (Scapy_Exception, struct.error, OSError):
+            raise InputError(f"{path}: corrupt capture file") from None
+        finally:
+            reader.close()
+
+
+def _pcap_time(meta: Any, nano: bool) -> float:
+    if hasattr(meta, "tsresol"):  # pcapng: a 64-bit count of units of 1/tsresol s
+        return float(((meta.tshigh << 32) | meta.tslow) / meta.tsresol)
+    return float(meta.sec + meta.usec / (1e9 if nano else 1e6))

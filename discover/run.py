@@ -1,0 +1,262 @@
+"""The discover stage: capture (live or from a file), build the graph; merge graphs for --append."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from depdrill.artifact import Frozen, sha256_file, utcnow
+from depdrill.discover.capture import LiveCapture, read_pcap
+from depdrill.discover.correlate import EXAMPLES, GraphBuilder, describe
+from depdrill.discover.dissect import DNS_PORT, Dissector
+from depdrill.discover.model import (
+    BlindSpot,
+    BlindSpotCode,
+    CaptureStats,
+    Edge,
+    EndpointNode,
+    Graph,
+    NamesEdge,
+    Node,
+    QueriesEdge,
+    ResolvedEdge,
+    Seen,
+)
+from depdrill.discover.packets import Segment
+from depdrill.netns import Target
+
+
+class DiscoverOptions(Frozen):
+    """What to watch and for how long. Exactly one of `target` (live) or `pcap` (offline)."""
+
+    target: Target | None = None
+    pcap: Path | None = None
+    duration_s: float = Field(default=30.0, gt=0)
+    label: str | None = None
+    max_names: int = Field(default=10_000, ge=1)
+    # Offline only: the service's own addresses, when guessing them from who sends DNS
+    # queries is not enough (a capture taken on a host with several clients).
+    service_addresses: list[str] = []
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DiscoverOptions:
+        if (self.target is None) == (self.pcap is None):
+            raise ValueError("discover needs exactly one of a target or a pcap file")
+        return self
+
+    def describe(self) -> str:
+        if self.target is not None:
+            return self.target.describe()
+        return f"pcap {self.pcap}"
+
+    def service_label(self) -> str:
+        if self.label:
+            return self.label
+        if self.target is not None:
+            return self.target.netns or f"pid {self.target.pid}"
+        return Path(str(self.pcap)).stem
+
+
+def run(
+    options: DiscoverOptions,
+    stop: threading.Event | None = None,
+    ready: threading.Event | None = None,
+) -> Graph:
+    """Capture until the duration passes or `stop` is set (live), or read the file; the graph.
+
+    `ready` is set once the live capture is filtering packets, so a caller can start traffic.
+    """
+    if options.pcap is not None:
+        graph = _offline(options, options.pcap)
+        if ready is not None:
+            ready.set()
+        return graph
+    assert options.target is not None
+    started = utcnow()
+    with LiveCapture.open(options.target) as capture:
+        builder = GraphBuilder(
+            capture.service_addresses, options.service_label(), max_names=options.max_names
+        )
+        dissector = Dissector()
+        if ready is not None:
+            ready.set()
+        _feed(builder, dissector, capture.packets(options.duration_s, stop))
+        stats = CaptureStats(
+            started=started,
+            ended=utcnow(),
+            interfaces=capture.interfaces,
+            bpf_filter=capture.filter,
+            packets=capture.packet_count,
+            dns_messages=dissector.dns_messages,
+            malformed=dissector.malformed,
+            kernel_drops=capture.kernel_drops,
+        )
+    return builder.build(options.describe(), options.target, stats)
+
+
+def _offline(options: DiscoverOptions, path: Path) -> Graph:
+    addresses = options.service_addresses or _guess_service_addresses(read_pcap(path))
+    builder = GraphBuilder(addresses, options.service_label(), max_names=options.max_names)
+    dissector = Dissector()
+    span: dict[str, float] = {}  # the capture window: first and last packet times
+
+    def timed() -> Iterator[tuple[float, Segment | None]]:
+        for t, seg in read_pcap(path):
+            span.setdefault("first", t)
+            span["last"] = t
+            yield t, seg
+
+    packets = _feed(builder, dissector, timed())
+    first = datetime.fromtimestamp(span["first"], UTC) if span else utcnow()
+    last = datetime.fromtimestamp(span["last"], UTC) if span else first
+    stats = CaptureStats(
+        started=first,
+        ended=last,
+        bpf_filter="",
+        packets=packets,
+        dns_messages=dissector.dns_messages,
+        malformed=dissector.malformed,
+    )
+    graph = builder.build(options.describe(), None, stats)
+    return graph.model_copy(update={"inputs": {path.name: sha256_file(path)}})
+
+
+def _feed(
+    builder: GraphBuilder,
+    dissector: Dissector,
+    packets: Iterable[tuple[float, Segment | None]],
+) -> int:
+    """Every packet through the dissector into the builder; how many there were."""
+    count = 0
+    for t, seg in packets:
+        count += 1
+        if seg is not None:
+            builder.add(dissector.event(t, seg))
+    return count
+
+
+def _guess_service_addresses(packets: Iterable[tuple[float, Segment | None]]) -> list[str]:
+    """Who sends DNS queries is the service; a forwarding resolver both asks and is asked."""
+    asking: set[str] = set()
+    asked: set[str] = set()
+    connecting: set[str] = set()
+    for _, seg in packets:
+        if seg is None:
+            continue
+        if seg.dport == DNS_PORT and seg.sport != DNS_PORT:
+            asking.add(seg.src)
+            asked.add(seg.dst)
+        elif seg.syn:
+            connecting.add(seg.src)
+    return sorted((asking - asked) or asking or connecting)
+
+
+# -- merging (--append) ------------------------------------------------------------------
+
+
+def merge(old: Graph, new: Graph) -> Graph:
+    """`new` folded into `old`: counts add, first/last seen widen, sets unite."""
+    nodes: dict[str, Node] = {n.id: n for n in old.nodes}
+    for node in new.nodes:
+        before = nodes.get(node.id)
+        if isinstance(node, EndpointNode) and isinstance(before, EndpointNode) and not node.tls:
+            node = node.model_copy(update={"tls": before.tls})
+        nodes[node.id] = node
+    edges: dict[tuple[str, str, str], Edge] = {(e.source, e.target, e.kind): e for e in old.links}
+    for edge in new.links:
+        key = (edge.source, edge.target, edge.kind)
+        before_edge = edges.get(key)
+        edges[key] = edge if before_edge is None else _merge_edge(before_edge, edge)
+    links = sorted(edges.values(), key=lambda e: (e.source, e.target, e.kind))
+    capture = CaptureStats(
+        started=min(old.capture.started, new.capture.started),
+        ended=max(old.capture.ended, new.capture.ended),
+        interfaces=sorted(set(old.capture.interfaces) | set(new.capture.interfaces)),
+        bpf_filter=new.capture.bpf_filter or old.capture.bpf_filter,
+        packets=old.capture.packets + new.capture.packets,
+        dns_messages=old.capture.dns_messages + new.capture.dns_messages,
+        malformed=old.capture.malformed + new.capture.malformed,
+        kernel_drops=old.capture.kernel_drops + new.capture.kernel_drops,
+        flows=old.capture.flows + new.capture.flows,
+    )
+    return new.model_copy(
+        update={
+            "created": utcnow(),
+            "inputs": {**old.inputs, **new.inputs},
+            "capture": capture,
+            "nodes": sorted(nodes.values(), key=lambda n: n.id),
+            "links": links,
+            "blind_spots": _merge_blind_spots(old, new, list(nodes.values()), links),
+        }
+    )
+
+
+def _merge_edge(old: Edge, new: Edge) -> Edge:
+    if isinstance(new, NamesEdge) and isinstance(old, NamesEdge):
+        return new if new.via == "sni" else old
+    if not (isinstance(new, Seen) and isinstance(old, Seen)):
+        return new  # CNAME and answer edges: the newer TTL
+    update: dict[str, Any] = {
+        "count": old.count + new.count,
+        "first_seen": _pick(min, old.first_seen, new.first_seen),
+        "last_seen": _pick(max, old.last_seen, new.last_seen),
+    }
+    if isinstance(new, ResolvedEdge) and isinstance(old, ResolvedEdge):
+        rcodes = dict(old.rcodes)
+        for code, n in new.rcodes.items():
+            rcodes[code] = rcodes.get(code, 0) + n
+        update |= {
+            "qtypes": sorted(set(old.qtypes) | set(new.qtypes)),
+            "rcodes": dict(sorted(rcodes.items())),
+            "unanswered": old.unanswered + new.unanswered,
+            "truncated": old.truncated + new.truncated,
+            "expansions": sorted(set(old.expansions) | set(new.expansions))[:EXAMPLES],
+            "expansion_queries": old.expansion_queries + new.expansion_queries,
+        }
+    if isinstance(new, QueriesEdge) and isinstance(old, QueriesEdge):
+        tcp = old.tcp_queries + new.tcp_queries
+        update |= {"tcp_queries": tcp, "transport": "tcp" if tcp == update["count"] else "udp"}
+    return new.model_copy(update=update)
+
+
+def _pick(choose: Any, a: datetime | None, b: datetime | None) -> datetime | None:
+    present = [t for t in (a, b) if t is not None]
+    return choose(present) if present else None
+
+
+def _merge_blind_spots(
+    old: Graph, new: Graph, nodes: list[Node], links: list[Edge]
+) -> list[BlindSpot]:
+    spots: dict[BlindSpotCode, BlindSpot] = {}
+    for spot in [*old.blind_spots, *new.blind_spots]:
+        if spot.code == BlindSpotCode.UNNAMED_FLOWS:
+            continue  # recounted below: a later capture may have named an endpoint
+        before = spots.get(spot.code)
+        count = spot.count + (before.count if before else 0)
+        examples = sorted(set(spot.examples) | set(before.examples if before else []))
+        spots[spot.code] = BlindSpot(
+            code=spot.code,
+            message=describe(spot.code, count),
+            count=count,
+            examples=examples[:EXAMPLES],
+        )
+    named = {e.source for e in links if isinstance(e, NamesEdge)}
+    unnamed = sorted(
+        f"{n.address}:{n.port}/{n.proto}"
+        for n in nodes
+        if isinstance(n, EndpointNode) and n.id not in named
+    )
+    if unnamed:
+        code = BlindSpotCode.UNNAMED_FLOWS
+        spots[code] = BlindSpot(
+            code=code,
+            message=describe(code, len(unnamed)),
+            count=len(unnamed),
+            examples=unnamed[:EXAMPLES],
+        )
+    return sorted(spots.values(), key=lambda s: s.code)

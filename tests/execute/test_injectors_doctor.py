@@ -1,0 +1,33 @@
+"""`depdrill doctor`: every answer comes from a real try, and the tries leave nothing."""
+
+from __future__ import annotations
+
+import subprocess
+
+from depdrill.execute.doctor import doctor
+from depdrill.execute.injectors.registry import availability
+
+
+def _namespaces() -> set[str]:
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in listing.splitlines() if line.strip()}
+
+
+def test_doctor_reports_this_machine_and_cleans_up() -> None:
+    # Given this machine (root, nftables, iptables-legacy, NetfilterQueue; no sch_netem)
+    before = _namespaces()
+    # When the doctor runs
+    checks = {c.name: c for c in doctor()}
+    # Then every capability the injectors need is there, each with what was tried
+    required = [c for c in checks.values() if not c.optional]
+    assert [c.name for c in required if not c.ok] == []
+    assert "vanished" in checks["owner-flagged nft tables"].detail
+    # And sch_netem's answer agrees with the registry's and says why when missing
+    netem = checks["sch_netem (tc netem latency)"]
+    assert netem.optional
+    said = availability()["netem-latency"]
+    assert netem.ok == (said == "available")
+    if not netem.ok:
+        assert "NFQUEUE" in netem.detail and "throwaway namespace" in netem.detail
+    # And no throwaway namespace is left
+    assert {n for n in _namespaces() - before if n.startswith("depdrill-")} == set()
