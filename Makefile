@@ -49,8 +49,9 @@ fmt: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The lab fails some tests on purpose (that is what the report shows): exit 1 is a result.
 demo: install
-	$(VENV)/bin/depdrill audit -o demo-report
+	@$(VENV)/bin/depdrill audit -o demo-report; rc=$$?; [ $$rc -le 1 ] || exit $$rc
 
 bench: install
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

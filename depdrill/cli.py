@@ -177,6 +177,31 @@ def discover(
     click.echo(f"{output}: {len(deps)} dependencies, {graph.capture.dns_messages} DNS messages")
 
 
+@cli.command("graph")
+@click.argument("graph_path", metavar="GRAPH", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["graphml", "dot", "json"]),
+    default="dot",
+    show_default=True,
+)
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), help="Write here (default: stdout)."
+)
+def graph_cmd(graph_path: Path, fmt: str, output: Path | None) -> None:
+    """Export a dependency graph for other tools: GraphML, Graphviz DOT, or node-link JSON."""
+    from depdrill.discover.export import FORMATS, export
+    from depdrill.discover.model import Graph
+
+    chosen = next(f for f in FORMATS if f == fmt)  # click.Choice already refused the rest
+    text = export(load_json(graph_path, Graph), chosen)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        atomic_write(output, text)
+
+
 @cli.command()
 @click.argument("targets", nargs=-1)
 @click.option(
