@@ -33,6 +33,7 @@ class ErrorReason(StrEnum):
     UNHEALTHY_BEFORE = "unhealthy-before-test"
     SKIPPED_BY_SUITE = "skipped-by-suite"
     HALTED = "suite-halted"
+    INTERNAL = "internal-error"  # a bug in depdrill, caught so the suite goes on
 
 
 PhaseName = Literal["preflight", "baseline", "apply", "verify", "observe", "revert", "recovery"]

@@ -339,11 +339,8 @@ class _SuiteRun:
                 result = _Record(test).finish(
                     Verdict.SKIPPED, f"skipped in the suite{note}", ErrorReason.SKIPPED_BY_SUITE
                 )
-            elif test.check is not None:
-                result = self._cert_test(test, test.check)
             else:
-                assert test.fault is not None
-                result = self._fault_test(test, test.fault)
+                result = self._guarded(test)
             self._emit(
                 test,
                 "verdict" if result.verdict != Verdict.SKIPPED else "skipped",
@@ -354,6 +351,24 @@ class _SuiteRun:
         if self.halted is None and self.stop.event.is_set():
             self.halted = self.stop.why
         return results
+
+    def _guarded(self, test: SuiteTest) -> TestResult:
+        """One test; a bug in depdrill becomes this test's error, not the end of the suite.
+
+        Faults are reverted by the test's own finally blocks, at the latest by the session.
+        """
+        started = _Record(test)
+        try:
+            if test.check is not None:
+                return self._cert_test(test, test.check)
+            assert test.fault is not None
+            return self._fault_test(test, test.fault)
+        except Exception as exc:  # failures are data, never the end of a suite
+            return started.finish(
+                Verdict.ERROR,
+                f"depdrill failed inside this test: {type(exc).__name__}: {exc}",
+                ErrorReason.INTERNAL,
+            )
 
     def _emit(
         self, test: SuiteTest, step: str, detail: str = "", verdict: Verdict | None = None

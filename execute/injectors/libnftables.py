@@ -83,8 +83,21 @@ class NftContext:
         return output
 
     def query(self, command: str) -> dict[str, Any]:
-        parsed: dict[str, Any] = json.loads(self.run(command, as_json=True) or "{}")
-        return parsed
+        """The JSON answer to a list command. libnftables may write more than one JSON
+        document into the buffer (one a line, seen under load); their `nftables` lists join."""
+        merged: list[Any] = []
+        for line in self.run(command, as_json=True).splitlines():
+            if not line.strip():
+                continue
+            try:
+                document = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise NftError(
+                    f"nft answered with something that is not JSON ({exc.msg})"
+                ) from None
+            if isinstance(document, dict):
+                merged.extend(document.get("nftables", []))
+        return {"nftables": merged}
 
     def close(self) -> None:
         """Free the context: its socket closes, and owner tables it created go with it."""
