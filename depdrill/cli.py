@@ -135,7 +135,7 @@ def lab_status(prefix: str, as_json: bool) -> None:
 # ---------------------------------------------------------------- stages
 
 
-@cli.command()
+@cli.command(context_settings={"allow_interspersed_args": False})
 @target_options
 @click.option(
     "--pcap", type=click.Path(path_type=Path), help="Discover from a capture file (pcap, pcapng)."
@@ -143,33 +143,54 @@ def lab_status(prefix: str, as_json: bool) -> None:
 @click.option(
     "--duration",
     type=click.FloatRange(0.1, 86400),
-    default=30,
-    show_default=True,
-    help="Seconds to capture (SIGINT ends early and still writes the graph).",
+    help="Seconds to capture (SIGINT ends early and still writes the graph)  [default: 30; "
+    "with a COMMAND: until it exits]",
+)
+@click.option(
+    "--resolver",
+    help="With a COMMAND: the DNS server its namespace uses (default: the host side of its veth).",
 )
 @click.option(
     "-o", "--output", type=click.Path(path_type=Path), default=Path("graph.json"), show_default=True
 )
 @click.option("--append", is_flag=True, help="Merge into the graph already at --output.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def discover(
     netns: str | None,
     pid: int | None,
     pcap: Path | None,
-    duration: float,
+    duration: float | None,
+    resolver: str | None,
     output: Path,
     append: bool,
+    command: tuple[str, ...],
 ) -> None:
-    """Sniff a service's DNS and connections; write its dependency graph."""
+    """Sniff a service's DNS and connections; write its dependency graph.
+
+    The service is a namespace (--netns, --pid), a capture file (--pcap), or
+    `-- COMMAND ARGS...`: depdrill starts the command in a fresh namespace wired to the host
+    and captures from its first packet, so no warm cache hides a lookup.
+    """
     from depdrill.discover import run as discover_run
     from depdrill.discover.model import Graph
 
     target = _target(netns, pid)
-    if (target is None) == (pcap is None):
-        raise click.UsageError("give one of --netns, --pid or --pcap")
+    given = sum(x is not None for x in (target, pcap)) + bool(command)
+    if given != 1:
+        raise click.UsageError("give one of --netns, --pid, --pcap or -- COMMAND")
     console = _console()
-    options = discover_run.DiscoverOptions(target=target, pcap=pcap, duration_s=duration)
-    with console.step(f"capturing from {target.describe() if target else pcap}"):
-        graph = _until_interrupted(lambda stop: discover_run.run(options, stop))
+    if command:
+        from depdrill.discover import launch
+
+        options = launch.CommandOptions(resolver=resolver, duration_s=duration)
+        with console.step(f"running and capturing {' '.join(command)!r}"):
+            graph = _until_interrupted(lambda stop: launch.run_command(command, options, stop))
+    else:
+        live = discover_run.DiscoverOptions(
+            target=target, pcap=pcap, duration_s=duration if duration is not None else 30
+        )
+        with console.step(f"capturing from {target.describe() if target else pcap}"):
+            graph = _until_interrupted(lambda stop: discover_run.run(live, stop))
     if append and output.exists():
         graph = discover_run.merge(load_json(output, Graph), graph)
     _write(output, graph)

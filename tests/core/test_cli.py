@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -92,7 +93,7 @@ def test_a_probe_that_never_answers_is_one_line(scratch_net) -> None:  # type: i
 def test_usage_errors_exit_2() -> None:
     done = depdrill("discover")
     assert done.returncode == 2
-    assert "give one of --netns, --pid or --pcap" in done.stderr
+    assert "give one of --netns, --pid, --pcap or -- COMMAND" in done.stderr
     assert depdrill("audit", "--probe", "http://198.18.0.20/").returncode == 2
 
 
@@ -112,3 +113,24 @@ def test_help_everywhere() -> None:
     ]:
         done = depdrill(command, "--help")
         assert done.returncode == 0 and "Usage:" in done.stdout, command
+
+
+def test_discover_a_command_from_its_first_packet(tmp_path: Path) -> None:
+    # Given a command that looks a name up as soon as it starts
+    out = tmp_path / "graph.json"
+    before = set(_namespaces())
+    # When depdrill starts it in a fresh namespace and captures
+    done = depdrill(
+        "discover", "--duration", "5", "-o", str(out), "--", "getent", "hosts", "first.example.test"
+    )
+    # Then the very first lookup is in the graph, and the namespace is gone again
+    assert done.returncode == 0, done.stderr
+    graph = json.loads(out.read_text())
+    names = {n.get("name") for n in graph["nodes"] if n["kind"] == "name"}
+    assert "first.example.test" in names
+    assert set(_namespaces()) - before == set()
+
+
+def _namespaces() -> list[str]:
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in listing.splitlines() if line.strip()]

@@ -14,9 +14,15 @@ import pytest
 
 from depdrill.artifact import load_json
 from depdrill.discover.model import EndpointNode, Graph
-from depdrill.execute.model import Results
+from depdrill.execute.model import Results, Verdict
 from depdrill.lab.testing import free_subnet_index, run_prefix
 from depdrill.lab.truth import TRUTH
+from depdrill.reports.build import build
+from depdrill.reports.run import ReportOptions
+from depdrill.reports.run import run as report_run
+from depdrill.reports.testing import compare_golden, findings_text, normalised, screenshots
+
+GOLDEN = Path(__file__).parents[1] / "reports" / "golden" / "lab_audit_findings.txt"
 
 
 @dataclass(frozen=True)
@@ -133,3 +139,53 @@ def test_report_and_junit_are_written_and_exit_code_says_failures(audit: Audit) 
 
 def test_nothing_is_left_behind(audit: Audit) -> None:
     assert _leftovers(audit.prefix) == []
+
+
+def test_findings_read_as_reviewed(audit: Audit) -> None:
+    # When the report's findings are built from the real audit
+    findings = build(audit.results, audit.graph).findings
+    # Then, with the subnet, dates, probe counts and measured times as placeholders, they
+    # read exactly as the golden: the resolver is a single point of failure, payments has
+    # no timeout, recommend's certificate expires soon (DEPDRILL_UPDATE_GOLDEN=1 rewrites)
+    compare_golden(GOLDEN, normalised(findings_text(findings)))
+    assert [f.code for f in findings] == ["resolver-spof", "no-timeout", "cert-expiring"]
+
+
+def test_screenshots_of_the_audit_report(audit: Audit, tmp_path: Path) -> None:
+    # When chromium shoots the audit's own report.html at desktop and narrow width
+    shots = screenshots(audit.out / "report.html", "report-lab-audit", tmp_path)
+    # Then both are in $DEPDRILL_ARTIFACTS (screenshot() checks the size and not blank)
+    assert [s.name for s in shots] == [
+        "report-lab-audit-desktop.png",
+        "report-lab-audit-narrow.png",
+    ]
+
+
+def test_what_changed_since_an_earlier_audit(audit: Audit) -> None:
+    # Given an earlier audit in which payments' outage was tolerated and payments lived
+    # at another address
+    payments = "payments.lab.test"
+    earlier = [
+        t.model_copy(
+            update={
+                "verdict": Verdict.TOLERANT if t.id == f"blackhole:{payments}" else t.verdict,
+                "fault": t.fault.model_copy(update={"addresses": ["198.18.99.10"]}),
+            }
+        )
+        if t.dependency == payments and t.fault is not None
+        else t
+        for t in audit.results.tests
+    ]
+    previous = audit.results.model_copy(update={"tests": earlier})
+    # When the report compares this audit with it
+    report = report_run(audit.results, audit.graph, ReportOptions(previous=previous))
+    # Then the regression and the move are listed, and the page has its changes section
+    changes = {(c.kind, c.subject): c for c in report.model.changes or []}
+    regression = changes[("verdict", f"blackhole:{payments}")]
+    assert (regression.before, regression.after, regression.better) == (
+        "tolerant",
+        "failed",
+        False,
+    )
+    assert changes[("addresses", payments)].before == "198.18.99.10"
+    assert 'id="changes"' in report.html and "change-worse" in report.html
