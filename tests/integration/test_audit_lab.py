@@ -73,7 +73,7 @@ def audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Audit]:
         str(out),
     ]
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=540)
     finally:
         # The audit tears its lab down itself; make sure even when it crashed.
         subprocess.run(
