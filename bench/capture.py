@@ -4,8 +4,11 @@ dnsperf (Debian's) asks dnsmasq between two throwaway namespaces at a ladder of 
 in the same run each capturer watches the client namespace: depdrill's live capture,
 `tcpdump -w` (libpcap's TPACKET_V3 ring, no decoding) and scapy's `sniff` with its default
 per-packet dissection. For each, the highest rate captured with < 0.1 % loss is printed,
-and depdrill's as a ratio of the others. A second figure feeds a flood of random names
-through the graph builder and prints the peak memory it took.
+and depdrill's as a ratio of the others. depdrill runs twice: on NAMES names asked over and
+over (its parse cache answers), and on DISTINCT names each asked once (every message is
+new: the DNS fast path, or dnspython, reads each). Offline figures give the per-message cost
+of the fast path against dnspython alone, and a flood of random names through the graph
+builder gives the peak memory it took.
 
 Run as root: `make bench` or `.venv/bin/python -P bench/capture.py [--quick]`.
 """
@@ -36,6 +39,7 @@ from depdrill.netns import Target
 
 LOSS_LIMIT = 0.001
 NAMES = 200
+DISTINCT = 400_000
 RUN = secrets.token_hex(2)
 SCAPY_SNIFF = """
 import sys
@@ -65,6 +69,7 @@ class Bench:
     client: str
     server: str
     queries: Path
+    distinct: Path
 
     def address(self, host: int) -> str:
         return f"198.19.{self.subnet}.{host}"
@@ -107,8 +112,10 @@ def bench_world() -> Iterator[Bench]:
         )  # fmt: skip
         queries = tmp / "queries.txt"
         queries.write_text("".join(f"n{i}.bench.test A\n" for i in range(NAMES)))
+        distinct = tmp / "distinct.txt"  # NXDOMAIN from dnsmasq, a new message every time
+        distinct.write_text("".join(f"u{i}.miss.test A\n" for i in range(DISTINCT)))
         time.sleep(0.5)
-        yield Bench(subnet, client, server, queries)
+        yield Bench(subnet, client, server, queries, distinct)
     finally:
         if dnsmasq is not None:
             dnsmasq.kill()
@@ -121,17 +128,19 @@ def bench_world() -> Iterator[Bench]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def dnsperf(bench: Bench, rate: int, seconds: float) -> int:
+def dnsperf(bench: Bench, rate: int, seconds: float, queries: Path | None = None) -> int:
     """Send at `rate` queries/s; the DNS messages on the wire (queries sent + answers)."""
-    out = sh(*bench.ns(bench.client, "dnsperf", "-s", bench.address(53), "-d",
-                       str(bench.queries), "-Q", str(rate), "-l", str(seconds), "-c", "4",
-                       "-q", "2000", "-t", "2"))  # fmt: skip
+    out = sh(*bench.ns(bench.client, "dnsperf", "-s", bench.address(53),
+                       "-d", str(queries or bench.queries), "-Q", str(rate),
+                       "-l", str(seconds), "-c", "4", "-q", "2000", "-t", "2"))  # fmt: skip
     sent = int(re.search(r"Queries sent:\s+(\d+)", out.stdout).group(1))  # type: ignore[union-attr]
     done = int(re.search(r"Queries completed:\s+(\d+)", out.stdout).group(1))  # type: ignore[union-attr]
     return sent + done
 
 
-def with_depdrill(bench: Bench, rate: int, seconds: float) -> tuple[int, int]:
+def with_depdrill(
+    bench: Bench, rate: int, seconds: float, queries: Path | None = None
+) -> tuple[int, int]:
     options = DiscoverOptions(target=Target(netns=bench.client), duration_s=seconds + 30)
     stop, ready = threading.Event(), threading.Event()
     result: dict[str, int] = {}
@@ -145,7 +154,7 @@ def with_depdrill(bench: Bench, rate: int, seconds: float) -> tuple[int, int]:
     thread = threading.Thread(target=capture)
     thread.start()
     ready.wait(10)
-    expected = dnsperf(bench, rate, seconds)
+    expected = dnsperf(bench, rate, seconds, queries)
     time.sleep(0.3)
     stop.set()
     thread.join()
@@ -201,6 +210,34 @@ def lossless_rate(
     return best
 
 
+def with_depdrill_distinct(bench: Bench, rate: int, seconds: float) -> tuple[int, int]:
+    return with_depdrill(bench, rate, seconds, bench.distinct)
+
+
+def parse_cost(count: int) -> tuple[float, float]:
+    """µs per message for the fast path and for dnspython alone, on distinct messages."""
+    import dns.message
+    import dns.rrset
+
+    from depdrill.discover import fastdns
+    from depdrill.discover.dns import parse_with_dnspython
+
+    wires = []
+    for i in range(count):
+        name = f"host{i}.svc{i % 7}.example.test"
+        query = dns.message.make_query(name, "A", id=i & 0xFFFF)
+        response = dns.message.make_response(query)
+        response.answer.append(dns.rrset.from_text(name + ".", i % 300, "IN", "A", "198.19.1.5"))
+        wires += [query.to_wire(), response.to_wire()]
+    costs = []
+    for parse in (fastdns.parse, parse_with_dnspython):
+        started = time.perf_counter()
+        for wire in wires:
+            parse(wire)
+        costs.append((time.perf_counter() - started) / len(wires) * 1e6)
+    return costs[0], costs[1]
+
+
 def flood_memory(names: int) -> tuple[float, float]:
     """Peak RSS growth (MB) and seconds to feed `names` random names through the builder."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -235,14 +272,19 @@ def main() -> int:
     with bench_world() as bench:
         print(f"dnsperf -> dnsmasq, {seconds:g} s per step, lossless means < {LOSS_LIMIT:.1%}")
         depdrill = lossless_rate("depdrill", with_depdrill, bench, rates, seconds)
+        distinct = lossless_rate("depdrill*", with_depdrill_distinct, bench, rates, seconds)
         tcpdump = lossless_rate("tcpdump", with_tcpdump, bench, rates, seconds)
         scapy = lossless_rate("scapy", with_scapy, bench, [500, 1_000, *rates[:4]], seconds)
-    print(f"lossless DNS messages/s: depdrill {depdrill}, tcpdump -w {tcpdump} (capped by the "
-          f"ladder or the load generator), scapy sniff {scapy}")  # fmt: skip
+    print(f"lossless DNS messages/s: depdrill {depdrill} ({NAMES} names), depdrill* {distinct} "
+          f"(every message new), tcpdump -w {tcpdump} (capped by the ladder or the load "
+          f"generator), scapy sniff {scapy}")  # fmt: skip
     if tcpdump:
         print(f"depdrill / tcpdump -w: {depdrill / tcpdump:.2f}")
     if scapy:
         print(f"depdrill / scapy sniff: {depdrill / scapy:.2f}")
+    fast, slow = parse_cost(20_000)
+    print(f"parse of distinct messages: fast path {fast:.1f} µs, dnspython {slow:.1f} µs "
+          f"({slow / fast:.1f}x)")  # fmt: skip
     print(
         f"flood of {names} random names: peak RSS +{grown:.0f} MB, "
         f"{names / elapsed:,.0f} names/s through the graph builder"

@@ -36,6 +36,7 @@ DLT_RAW: Final = 12
 RECEIVE_BUFFER: Final = 32 << 20  # bursts of DNS must not overflow the socket (64 KiB default)
 POLL_S: Final = 0.1  # how often a blocked capture looks at its stop event
 BATCH: Final = 512
+MAX_DRAIN: Final = 1 << 20  # packets read after the end, at most (a socket cannot hold more)
 MAX_FILTER_ADDRESSES: Final = 64
 PACKET_RX_RING: Final = 5
 PACKET_VERSION: Final = 10
@@ -45,9 +46,11 @@ RING_BLOCK: Final = 1 << 20
 RING_BLOCKS: Final = 32  # 32 MiB of ring: bursts of DNS wait here, not in the kernel's drops
 RING_FRAME: Final = 2048
 RING_RETIRE_MS: Final = 50  # a partly filled block is handed over after this long
+DRAIN_S: Final = 2 * RING_RETIRE_MS / 1000 + 0.02
 _BLOCK_HEADER: Final = struct.Struct("=2I")  # num_pkts, offset_to_first_pkt (at +12)
-_FRAME_HEADER: Final = struct.Struct("=6I2H")  # tpacket3_hdr up to tp_net
 _SLL_HATYPE_AT: Final = 48 + 8  # sockaddr_ll follows the aligned tpacket3_hdr
+# tpacket3_hdr up to tp_net, then (one read per frame) sockaddr_ll's sll_hatype
+_FRAME_HEADER: Final = struct.Struct(f"=6I2H{_SLL_HATYPE_AT - 28}xH")
 
 # DNS both ways on 53 (and DoT's SYNs below); connection attempts (SYN without ACK); TLS
 # ClientHello records (handshake 0x16, message type 1) at the start of a TCP payload. libpcap
@@ -173,6 +176,14 @@ class LiveCapture:
                         continue
                     self.packet_count += 1
                     yield time.time(), decode_ip(bytes(view[:size]))
+            for _ in range(MAX_DRAIN):  # what the socket already holds arrived before the end
+                try:
+                    size, address = self._sock.recvfrom_into(buffer)
+                except BlockingIOError:
+                    break
+                if address[3] != ARPHRD_LOOPBACK:
+                    self.packet_count += 1
+                    yield time.time(), decode_ip(bytes(view[:size]))
         finally:
             view.release()
             self._read_drops()
@@ -182,17 +193,25 @@ class LiveCapture:
     ) -> Iterator[tuple[float, Segment | None]]:
         deadline = time.monotonic() + duration_s
         last_stats = time.monotonic()
+        drain_until: float | None = None
         try:
-            while not (stop is not None and stop.is_set()):
+            while True:
                 now = time.monotonic()
-                if now >= deadline:
-                    break
+                if drain_until is None and (
+                    now >= deadline or (stop is not None and stop.is_set())
+                ):
+                    # The block being filled reaches us only when the kernel retires it:
+                    # wait that out, so what arrived before the end is not lost.
+                    drain_until = now + DRAIN_S
                 if now - last_stats > 1.0:
                     self._read_drops()
                     last_stats = now
                 block = ring.ready_block()
                 if block is None:
-                    select.select([self._sock], [], [], min(POLL_S, deadline - now))
+                    if drain_until is not None and now >= drain_until:
+                        break
+                    end = deadline if drain_until is None else drain_until
+                    select.select([self._sock], [], [], max(0.0, min(POLL_S, end - now)))
                     continue
                 try:
                     for t, packet, hatype in ring.frames(block):
@@ -259,14 +278,13 @@ class _Ring:
         count, first = _BLOCK_HEADER.unpack_from(self._map, block + 12)
         at = block + first
         end = block + RING_BLOCK
+        ring = self._map
+        unpack = _FRAME_HEADER.unpack_from
         for _ in range(count):
-            if at + _SLL_HATYPE_AT + 2 > end:
+            if at + _FRAME_HEADER.size > end:
                 break
-            step, sec, nsec, snaplen, _, _, _, net = _FRAME_HEADER.unpack_from(self._map, at)
-            hatype = int.from_bytes(
-                self._map[at + _SLL_HATYPE_AT : at + _SLL_HATYPE_AT + 2], "little"
-            )
-            yield sec + nsec / 1e9, self._map[at + net : min(end, at + net + snaplen)], hatype
+            step, sec, nsec, snaplen, _, _, _, net, hatype = unpack(ring, at)
+            yield sec + nsec / 1e9, ring[at + net : min(end, at + net + snaplen)], hatype
             if not step:
                 break
             at += step

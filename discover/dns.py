@@ -46,10 +46,11 @@ def name_text(name: dns.name.Name) -> str:
 
 
 class DnsParser:
-    """dnspython behind a cache of byte-identical messages (the ID aside) and a malformed count.
+    """The fast path (fastdns), else dnspython, behind a cache of byte-identical messages (the
+    ID aside) and a malformed count.
 
-    Services ask the same questions over and over; a cache hit costs a dict lookup instead of
-    dnspython's ~50 µs parse.
+    Services ask the same questions over and over; a cache hit costs a dict lookup, a miss
+    the fast path's ~5 µs, and only what it does not handle dnspython's ~45 µs.
     """
 
     def __init__(self) -> None:
@@ -74,11 +75,22 @@ class DnsParser:
             self.malformed += 1
             return None
         self.messages += 1
-        msg_id = int.from_bytes(wire[:2], "big")
-        return cached if cached.id == msg_id else cached._replace(id=msg_id)
+        msg_id = wire[0] << 8 | wire[1]
+        if cached.id == msg_id:
+            return cached
+        # The same message under another ID: a new tuple, without NamedTuple._replace's cost
+        return tuple.__new__(DnsMessage, (msg_id, *cached[1:]))
 
 
 def _parse(wire: bytes) -> DnsMessage | None:
+    from depdrill.discover import fastdns  # it builds on this module's records
+
+    fast = fastdns.parse(wire)
+    return fast if fast is not None else parse_with_dnspython(wire)
+
+
+def parse_with_dnspython(wire: bytes) -> DnsMessage | None:
+    """dnspython's reading of a message, summarised; None for anything it refuses."""
     # A bad packet must never stop a capture, whatever dnspython raises on it.
     try:
         message = dns.message.from_wire(wire, ignore_trailing=True)

@@ -253,7 +253,8 @@ class Dependency(Frozen):
 
 def dependencies_of(graph: Graph) -> list[Dependency]:
     """Each name the service resolved, followed through CNAMEs to its addresses, with the
-    endpoints the service reached on those addresses (or that SNI tied to the name)."""
+    endpoints the service reached on those addresses (or that SNI tied to the name); and each
+    name only a TLS ClientHello gave (an address hard-coded or cached), with `queries` 0."""
     by_id = {n.id: n for n in graph.nodes}
     out: dict[str, list[Any]] = {}
     for edge in graph.links:
@@ -287,6 +288,7 @@ def dependencies_of(graph: Graph) -> list[Dependency]:
     endpoints = [n for n in graph.nodes if isinstance(n, EndpointNode)]
 
     deps: list[Dependency] = []
+    looked_up: set[str] = set()  # names, CNAME targets included, that some lookup accounts for
     for edge in graph.links:
         if not isinstance(edge, ResolvedEdge):
             continue
@@ -295,6 +297,7 @@ def dependencies_of(graph: Graph) -> list[Dependency]:
             continue
         chain, canonical_id, addresses = follow(node.id)
         names = {node.id, *chain}
+        looked_up |= names
         reached = [
             Endpoint(
                 address=e.address, port=e.port, proto=e.proto, tls=e.tls, flows=flows.get(e.id, 0)
@@ -315,4 +318,34 @@ def dependencies_of(graph: Graph) -> list[Dependency]:
                 rcodes=dict(sorted(edge.rcodes.items())),
             )
         )
+    deps.extend(_sni_only(graph, by_id, flows, looked_up))
     return sorted(deps, key=lambda d: d.name)
+
+
+def _sni_only(
+    graph: Graph, by_id: dict[str, Node], flows: dict[str, int], looked_up: set[str]
+) -> list[Dependency]:
+    """Names no lookup accounts for, tied to reached endpoints by SNI alone."""
+    reached: dict[str, list[Endpoint]] = {}
+    for edge in graph.links:
+        if not (isinstance(edge, NamesEdge) and edge.via == "sni") or edge.target in looked_up:
+            continue
+        endpoint, name = by_id.get(edge.source), by_id.get(edge.target)
+        if not isinstance(endpoint, EndpointNode) or not isinstance(name, NameNode):
+            continue
+        if endpoint.id not in flows:
+            continue
+        reached.setdefault(name.name, []).append(
+            Endpoint(
+                address=endpoint.address, port=endpoint.port, proto=endpoint.proto,
+                tls=endpoint.tls, flows=flows[endpoint.id],
+            )
+        )  # fmt: skip
+    return [
+        Dependency(
+            name=name,
+            canonical=name,
+            endpoints=sorted(endpoints, key=lambda e: (e.address, e.port, e.proto)),
+        )
+        for name, endpoints in reached.items()
+    ]

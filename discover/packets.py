@@ -112,12 +112,21 @@ def _ipv4(packet: bytes) -> Segment | None:
         return None
     # A capture may pad short frames or offload may leave total 0 (TSO): trust the shorter.
     end = min(len(packet), total) if total >= header_len else len(packet)
-    return _transport(
-        proto,
-        socket.inet_ntop(socket.AF_INET, src),
-        socket.inet_ntop(socket.AF_INET, dst),
-        packet[header_len:end],
-    )
+    return _transport(proto, _ipv4_text(src), _ipv4_text(dst), packet[header_len:end])
+
+
+_ADDRESS_TEXT: dict[bytes, str] = {}
+_MAX_ADDRESSES: Final = 65536
+
+
+def _ipv4_text(raw: bytes) -> str:
+    """An IPv4 address as text; a service talks to few addresses, so remember them."""
+    text = _ADDRESS_TEXT.get(raw)
+    if text is None:
+        if len(_ADDRESS_TEXT) >= _MAX_ADDRESSES:
+            _ADDRESS_TEXT.clear()
+        text = _ADDRESS_TEXT[raw] = socket.inet_ntop(socket.AF_INET, raw)
+    return text
 
 
 def _ipv6(packet: bytes) -> Segment | None:

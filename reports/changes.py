@@ -23,6 +23,15 @@ def _earliest_days(test: TestResult) -> float | None:
     return min(c.days_left for c in test.tls.served)
 
 
+def _addresses(results: Results) -> dict[str, set[str]]:
+    """Per dependency: the addresses its faults were aimed at (where it was found)."""
+    out: dict[str, set[str]] = {}
+    for test in results.tests:
+        if test.dependency and test.fault is not None:
+            out.setdefault(test.dependency, set()).update(test.fault.addresses)
+    return out
+
+
 def changes(before: Results, after: Results) -> list[Change]:
     old = {t.id: t for t in before.tests}
     new = {t.id: t for t in after.tests}
@@ -60,6 +69,20 @@ def changes(before: Results, after: Results) -> list[Change]:
     new_deps = {t.dependency for t in after.tests if t.dependency}
     out.extend(Change(kind="dependency-added", subject=d) for d in sorted(new_deps - old_deps))
     out.extend(Change(kind="dependency-removed", subject=d) for d in sorted(old_deps - new_deps))
+    # A dependency that moved (a migration, a new load balancer) is tested somewhere else
+    # now: say so, neither better nor worse.
+    old_addresses, new_addresses = _addresses(before), _addresses(after)
+    for name in sorted(old_addresses.keys() & new_addresses.keys()):
+        was_at, now_at = old_addresses[name], new_addresses[name]
+        if was_at and now_at and was_at != now_at:
+            out.append(
+                Change(
+                    kind="addresses",
+                    subject=name,
+                    before=", ".join(sorted(was_at)),
+                    after=", ".join(sorted(now_at)),
+                )
+            )
     was_score = dependencies_category(before.tests).score
     now_score = dependencies_category(after.tests).score
     if was_score is not None and now_score is not None and was_score != now_score:

@@ -132,6 +132,7 @@ class Change(Frozen):
         "dependency-added",
         "dependency-removed",
         "certificate",
+        "addresses",
         "score",
     ]
     subject: str

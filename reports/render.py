@@ -14,7 +14,7 @@ from depdrill.reports.build import build
 from depdrill.reports.findings import TOP
 from depdrill.reports.model import ReportModel
 from depdrill.reports.svg import Timeline, graph_layout, timeline
-from depdrill.reports.text import duration, unicode_form, visible
+from depdrill.reports.text import duration, unicode_form, visible, visible_lines
 
 # The page runs no script and loads nothing: a viewer's browser enforces it.
 CSP = (
@@ -48,7 +48,12 @@ def environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters.update(
-        visible=visible, duration=duration, when=_when, days=_days, unicode_form=unicode_form
+        visible=visible,
+        visible_lines=visible_lines,
+        duration=duration,
+        when=_when,
+        days=_days,
+        unicode_form=unicode_form,
     )
     return env
 

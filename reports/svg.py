@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from depdrill.execute.model import Phase, Sample
 from depdrill.reports.model import DependencyRow
@@ -175,6 +175,16 @@ class Span:
     w: float
     label: str
     cls: str
+    label_x: float = 0.0
+    label_anchor: str = "start"  # "end" when the label would run past the plot's right edge
+
+
+def _label_placed(span: Span, right_edge: float) -> Span:
+    """The label inside the drawing: a short last phase (a recovery of three samples) has
+    its label end at the right edge instead of running off it."""
+    if span.x + 4 + len(span.label) * CHAR_W <= right_edge:
+        return replace(span, label_x=span.x + 4)
+    return replace(span, label_x=right_edge - 2, label_anchor="end")
 
 
 @dataclass(frozen=True)
@@ -234,7 +244,7 @@ def timeline(
     def y_of(ms: float) -> float:
         return top + plot_h - plot_h * min(ms, y_max) / y_max
 
-    spans = _spans(phases, x_of)
+    spans = [_label_placed(span, width - 2) for span in _spans(phases, x_of)]
     dots: dict[str, list[str]] = {}
     line: list[str] = []
     failures: list[str] = []

@@ -34,12 +34,15 @@ def percent(ratio: float) -> str:
     return f"{ratio * 100:.0f}%"
 
 
-def visible(text: str, limit: int | None = None) -> str:
+def visible(text: str, limit: int | None = None, allowed: str = "") -> str:
     """Text with control and bidi-override characters shown as <U+202E>, so a name cannot
-    reorder or hide what is drawn around it; cut in the middle past `limit` characters."""
+    reorder or hide what is drawn around it; cut in the middle past `limit` characters.
+    Characters in `allowed` pass as they are."""
     out = []
     for char in text:
-        if unicodedata.category(char) in {"Cc", "Cf", "Co", "Cs", "Zl", "Zp"}:
+        if char in allowed:
+            out.append(char)
+        elif unicodedata.category(char) in {"Cc", "Cf", "Co", "Cs", "Zl", "Zp"}:
             out.append(f"<U+{ord(char):04X}>")
         else:
             out.append(char)
@@ -48,6 +51,11 @@ def visible(text: str, limit: int | None = None) -> str:
         keep = max(limit - 1, 2)
         shown = shown[: keep - keep // 2] + "…" + shown[len(shown) - keep // 2 :]
     return shown
+
+
+def visible_lines(text: str) -> str:
+    """As `visible`, for text shown in a <pre>: its line breaks and tabs are layout."""
+    return visible(text, allowed="\n\t")
 
 
 def unicode_form(name: str) -> str | None:

@@ -13,6 +13,7 @@ import ipaddress
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from depdrill.discover.model import EndpointNode, Graph, NameNode, NamesEdge
 from depdrill.discover.tls.aia import AiaError, fetch_issuers
 from depdrill.discover.tls.diagnose import Code, Evidence, diagnose
 from depdrill.discover.tls.facts import cert_facts
-from depdrill.discover.tls.fetch import HandshakeFailed, Served, fetch_chain
+from depdrill.discover.tls.fetch import HandshakeFailed, Served, fetch_chain, fetch_chains
 from depdrill.discover.tls.model import CertFacts, ChainReport, Finding, Severity
 from depdrill.discover.tls.path import build_path, from_verified
 from depdrill.discover.tls.trust import Trust, load_trust
@@ -117,6 +118,7 @@ def _report(
     timeout_s: float,
     target: Target | None,
     now: datetime,
+    verified: tuple[list[x509.Certificate] | None, str | None] | None = None,
 ) -> ChainReport:
     chain = served.chain
     aia_deadline = time.monotonic() + timeout_s  # one budget for all AIA fetches of a chain
@@ -134,7 +136,7 @@ def _report(
     name = sni or address
     # The verifier's path when it accepts the chain; otherwise a walk by hand (with AIA)
     # that remembers where and why it stopped, which the verifier's message does not say.
-    verified_path, verify_error = _verify(chain[0], chain[1:], trust, name, now)
+    verified_path, verify_error = verified or _verify(chain[0], chain[1:], trust, name, now)
     if verified_path is not None:
         path = from_verified(chain, verified_path)
     else:
@@ -187,31 +189,36 @@ def _report(
     )
 
 
-def check_endpoint(
+@dataclass(frozen=True)
+class _Walk:
+    """What every endpoint of one check shares."""
+
+    trust: Trust
+    warn_days: int
+    timeout_s: float
+    target: Target | None
+    now: datetime
+
+
+def _sni_for(address: str, sni: str | None) -> str | None:
+    return address if sni is None and not _is_address(address) else sni
+
+
+def _analysed(
     address: str,
     port: int,
     sni: str | None,
-    *,
-    ca_bundle: Path | None = None,
-    warn_days: int = 30,
-    timeout_s: float = 5.0,
-    target: Target | None = None,
-    now: datetime | None = None,
+    served: Served,
+    walk: _Walk,
+    verified: tuple[list[x509.Certificate] | None, str | None] | None = None,
 ) -> ChainReport:
-    """Fetch, verify and diagnose one endpoint's chain. With no SNI given, a host name as
-    address is sent as SNI; an IP address sends none and is matched against IP SANs."""
-    trust = load_trust(ca_bundle)
-    now = now or datetime.now(UTC)
-    if sni is None and not _is_address(address):
-        sni = address
     try:
-        served = fetch_chain(address, port, sni, timeout_s=timeout_s, target=target)
-    except HandshakeFailed as exc:
-        return _failed(address, port, sni, now, str(exc))
-    try:
-        return _report(address, port, sni, served, trust, warn_days, timeout_s, target, now)
+        return _report(
+            address, port, sni, served, walk.trust, walk.warn_days, walk.timeout_s,
+            walk.target, walk.now, verified,
+        )  # fmt: skip
     except Exception as exc:  # a certificate shape nobody foresaw: report it, never crash a walk
-        report = _failed(address, port, sni, now, "")
+        report = _failed(address, port, sni, walk.now, "")
         finding = Finding(
             code=Code.VERIFICATION_FAILED.value,
             severity=Severity.FAIL,
@@ -227,6 +234,37 @@ def check_endpoint(
         )
 
 
+def check_endpoint(
+    address: str,
+    port: int,
+    sni: str | None,
+    *,
+    ca_bundle: Path | None = None,
+    warn_days: int = 30,
+    timeout_s: float = 5.0,
+    target: Target | None = None,
+    now: datetime | None = None,
+) -> ChainReport:
+    """Fetch, verify and diagnose one endpoint's chain. With no SNI given, a host name as
+    address is sent as SNI; an IP address sends none and is matched against IP SANs."""
+    walk = _Walk(load_trust(ca_bundle), warn_days, timeout_s, target, now or datetime.now(UTC))
+    sni = _sni_for(address, sni)
+    try:
+        served = fetch_chain(address, port, sni, timeout_s=timeout_s, target=target)
+    except HandshakeFailed as exc:
+        return _failed(address, port, sni, walk.now, str(exc))
+    return _analysed(address, port, sni, served, walk)
+
+
+def _asked_names(graph: Graph) -> dict[tuple[str, int, str], set[str]]:
+    """Per (address, port, proto): the names the service looked up to reach it."""
+    asked: dict[tuple[str, int, str], set[str]] = {}
+    for dep in graph.dependencies():
+        for e in dep.endpoints:
+            asked.setdefault((e.address, e.port, e.proto), set()).add(dep.name)
+    return asked
+
+
 def tls_endpoints(graph: Graph) -> list[tuple[EndpointNode, str | None]]:
     """Each TLS endpoint with the name a client would send as SNI (None if it has no name).
 
@@ -240,22 +278,22 @@ def tls_endpoints(graph: Graph) -> list[tuple[EndpointNode, str | None]]:
         if isinstance(edge, NamesEdge) and edge.target in names:
             into = sni_names if edge.via == "sni" else answer_names
             into.setdefault(edge.source, set()).add(names[edge.target])
-    asked: dict[tuple[str, int, str], set[str]] = {}
-    for dep in graph.dependencies():
-        for e in dep.endpoints:
-            asked.setdefault((e.address, e.port, e.proto), set()).add(dep.name)
+    asked: dict[tuple[str, int, str], set[str]] | None = None  # built only if SNI is missing
     out: list[tuple[EndpointNode, str | None]] = []
     for node in graph.nodes:
         if not isinstance(node, EndpointNode) or node.proto != "tcp":
             continue
         if node.id not in sni_names and node.port not in TLS_PORTS:
             continue
-        candidates = (
-            sni_names.get(node.id)
-            or asked.get((node.address, node.port, node.proto))
-            or answer_names.get(node.id)
-            or set()
-        )
+        candidates = sni_names.get(node.id)
+        if not candidates:
+            if asked is None:
+                asked = _asked_names(graph)
+            candidates = (
+                asked.get((node.address, node.port, node.proto))
+                or answer_names.get(node.id)
+                or set()
+            )
         out.append((node, min(candidates) if candidates else None))
     return out
 
@@ -269,27 +307,43 @@ def check_graph(
     target: Target | None = None,
 ) -> Graph:
     """A copy of the graph with `tls` filled on every TLS endpoint, all checked at once."""
-    load_trust(ca_bundle)  # a bad bundle is the caller's error: raise it before any work
+    # A bad bundle is the caller's error: raise it before any work.
+    trust = load_trust(ca_bundle)
     todo = tls_endpoints(graph)
     if not todo:
         return graph
-    now = datetime.now(UTC)
-    with ThreadPoolExecutor(max_workers=min(MAX_WORKERS, len(todo))) as pool:
-        reports = list(
-            pool.map(
-                lambda item: check_endpoint(
-                    item[0].address,
-                    item[0].port,
-                    item[1],
-                    ca_bundle=ca_bundle,
-                    warn_days=warn_days,
-                    timeout_s=timeout_s,
-                    target=target,
-                    now=now,
-                ),
-                todo,
-            )
-        )
-    by_id = {node.id: report for (node, _), report in zip(todo, reports, strict=True)}
+    walk = _Walk(trust, warn_days, timeout_s, target, datetime.now(UTC))
+    endpoints = [(node.address, node.port, _sni_for(node.address, sni)) for node, sni in todo]
+    reports: dict[int, ChainReport] = {}
+    refused: list[tuple[int, Served, tuple[None, str | None]]] = []
+    # Every handshake runs at once from this thread; a chain the verifier accepts is judged
+    # as it arrives, while the other handshakes are still in flight (measured: threads per
+    # endpoint spent more CPU passing the GIL around than on the handshakes themselves).
+    fetched = fetch_chains(endpoints, timeout_s=timeout_s, target=target)
+    with contextlib.closing(fetched):  # sockets still open are closed whatever happens
+        for index, outcome in fetched:
+            address, port, sni = endpoints[index]
+            if isinstance(outcome, HandshakeFailed):
+                reports[index] = _failed(address, port, sni, walk.now, str(outcome))
+                continue
+            chain = outcome.chain
+            path, error = _verify(chain[0], chain[1:], trust, sni or address, walk.now)
+            if path is not None:
+                reports[index] = _analysed(address, port, sni, outcome, walk, (path, error))
+            else:
+                refused.append((index, outcome, (None, error)))
+    # A refused chain may send its diagnosis to fetch issuers (AIA) over the network: those
+    # wait in threads, so one slow CA server does not hold up the rest.
+    if refused:
+        with ThreadPoolExecutor(max_workers=min(MAX_WORKERS, len(refused))) as pool:
+
+            def judge(item: tuple[int, Served, tuple[None, str | None]]) -> ChainReport:
+                index, served, verified = item
+                address, port, sni = endpoints[index]
+                return _analysed(address, port, sni, served, walk, verified)
+
+            judged = pool.map(judge, refused)
+            reports.update(zip((index for index, _, _ in refused), judged, strict=True))
+    by_id = {node.id: reports[index] for index, (node, _) in enumerate(todo)}
     nodes = [n.model_copy(update={"tls": by_id[n.id]}) if n.id in by_id else n for n in graph.nodes]
     return graph.model_copy(update={"nodes": nodes})

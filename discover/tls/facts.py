@@ -179,9 +179,11 @@ def cert_facts(cert: x509.Certificate, now: datetime) -> CertFacts:
     not_before = cert.not_valid_before_utc
     not_after = cert.not_valid_after_utc
     key_type, key_size = public_key_kind(cert)
+    # Each access to .subject or .issuer builds a new Name in Python: read each once.
+    subject, issuer = subject_of(cert), issuer_of(cert)
     return CertFacts(
-        subject=name_text(subject_of(cert)),
-        issuer=name_text(issuer_of(cert)),
+        subject=name_text(subject),
+        issuer=name_text(issuer),
         serial=_read("serial", problems, lambda: format(cert.serial_number, "x"), ""),
         not_before=not_before,
         not_after=not_after,
@@ -191,7 +193,7 @@ def cert_facts(cert: x509.Certificate, now: datetime) -> CertFacts:
         signature_algorithm=signature_algorithm_name(cert),
         sans=sans,
         is_ca=isinstance(basic, x509.BasicConstraints) and basic.ca,
-        self_issued=subject_of(cert) is not None and issuer_of(cert) == subject_of(cert),
+        self_issued=subject is not None and issuer == subject,
         ca_issuers=ca_issuers,
         ocsp=ocsp,
         crl=crl,

@@ -20,6 +20,7 @@ import os
 import select
 import socket
 import time
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -64,14 +65,19 @@ def _client_context() -> SSL.Context:
     return ctx
 
 
-def _wait(sock: socket.socket, *, write: bool, deadline: float, what: str) -> None:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise HandshakeFailed(f"timed out during {what}")
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT if write else select.POLLIN)
-    if not poller.poll(remaining * 1000):
-        raise HandshakeFailed(f"timed out during {what}")
+@dataclass(frozen=True)
+class _Want:
+    """What a session waits for next: its socket readable (or writable), during `what`."""
+
+    sock: socket.socket
+    write: bool
+    what: str
+
+
+# A session is a generator: it yields what it waits for and returns the chain as served.
+# One endpoint drives it with poll() (fetch_chain); a walk drives hundreds of them from one
+# thread (fetch_chains), so no thread waits on a socket and no GIL changes hands per step.
+_Session = Generator[_Want, None, Served]
 
 
 def _resolve(host: str, port: int, deadline: float) -> tuple[socket.AddressFamily, str]:
@@ -91,26 +97,26 @@ def _resolve(host: str, port: int, deadline: float) -> tuple[socket.AddressFamil
     return family, str(sockaddr[0])
 
 
-def _connect(sock: socket.socket, address: str, port: int, deadline: float) -> None:
+def _connect(sock: socket.socket, address: str, port: int) -> Generator[_Want, None, None]:
     rc = sock.connect_ex((address, port))
     if rc not in (0, errno.EINPROGRESS):
         raise HandshakeFailed(f"connect failed: {os.strerror(rc)}")
     if rc == errno.EINPROGRESS:
-        _wait(sock, write=True, deadline=deadline, what="TCP connect")
+        yield _Want(sock, write=True, what="TCP connect")
         rc = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if rc:
             raise HandshakeFailed(f"connect failed: {os.strerror(rc)}")
 
 
-def _handshake(conn: SSL.Connection, sock: socket.socket, deadline: float) -> None:
+def _handshake(conn: SSL.Connection, sock: socket.socket) -> Generator[_Want, None, None]:
     while True:
         try:
             conn.do_handshake()
             return
         except SSL.WantReadError:
-            _wait(sock, write=False, deadline=deadline, what="TLS handshake")
+            yield _Want(sock, write=False, what="TLS handshake")
         except SSL.WantWriteError:
-            _wait(sock, write=True, deadline=deadline, what="TLS handshake")
+            yield _Want(sock, write=True, what="TLS handshake")
         except SSL.ZeroReturnError:
             raise HandshakeFailed(
                 "the server closed the TLS session during the handshake"
@@ -139,19 +145,10 @@ def _openssl_reason(exc: SSL.Error) -> str:
         return str(exc) or type(exc).__name__
 
 
-def fetch_chain(
-    address: str,
-    port: int,
-    sni: str | None,
-    *,
-    timeout_s: float = 5.0,
-    target: Target | None = None,
-) -> Served:
-    """Connect, handshake with SNI (and an OCSP status request), return the chain as sent.
-
-    Raises HandshakeFailed for anything the endpoint does wrong; never waits past timeout_s.
-    """
-    deadline = time.monotonic() + timeout_s
+def _session(
+    address: str, port: int, sni: str | None, deadline: float, target: Target | None
+) -> _Session:
+    """Connect, handshake with SNI (and an OCSP status request), return the chain as sent."""
     family, ip = _resolve(address, port, deadline)
     namespace: AbstractContextManager[None] = entered(target) if target else nullcontext()
     with namespace:
@@ -160,7 +157,7 @@ def fetch_chain(
     with sock:
         sock.setblocking(False)
         try:
-            _connect(sock, ip, port, deadline)
+            yield from _connect(sock, ip, port)
         except OSError as exc:
             raise HandshakeFailed(f"connect failed: {exc.strerror or exc}") from None
         staple = _Staple()
@@ -173,7 +170,7 @@ def fetch_chain(
                 conn.set_tlsext_host_name(sni.encode("ascii", "replace"))
         conn.request_ocsp()
         conn.set_connect_state()
-        _handshake(conn, sock, deadline)
+        yield from _handshake(conn, sock)
         try:
             chain = conn.get_peer_cert_chain(as_cryptography=True) or []
             if not chain:
@@ -194,3 +191,101 @@ def fetch_chain(
         ocsp_staple=staple.response,
         stapled=staple.response is not None,
     )
+
+
+def fetch_chain(
+    address: str,
+    port: int,
+    sni: str | None,
+    *,
+    timeout_s: float = 5.0,
+    target: Target | None = None,
+) -> Served:
+    """The chain one endpoint sends, in wire order.
+
+    Raises HandshakeFailed for anything the endpoint does wrong; never waits past timeout_s.
+    """
+    deadline = time.monotonic() + timeout_s
+    session = _session(address, port, sni, deadline, target)
+    try:
+        want = next(session)
+        while True:
+            remaining = deadline - time.monotonic()
+            poller = select.poll()
+            poller.register(want.sock, select.POLLOUT if want.write else select.POLLIN)
+            if remaining <= 0 or not poller.poll(remaining * 1000):
+                raise HandshakeFailed(f"timed out during {want.what}")
+            want = session.send(None)
+    except StopIteration as done:
+        served: Served = done.value
+        return served
+    finally:
+        session.close()  # a session given up on closes its socket
+
+
+Endpoint = tuple[str, int, str | None]  # address, port, SNI
+
+
+def fetch_chains(
+    endpoints: Sequence[Endpoint],
+    *,
+    timeout_s: float = 5.0,
+    target: Target | None = None,
+    in_flight: int = 256,
+) -> Generator[tuple[int, Served | HandshakeFailed], None, None]:
+    """The chains many endpoints send, fetched at once from this thread: (index, chain or
+    why not), in the order they finish. At most `in_flight` sockets are open at a time;
+    each endpoint has its own `timeout_s` from when its connect starts. Addresses are best:
+    a host name's lookup blocks the walk while it runs."""
+    poller = select.poll()
+    active: dict[int, tuple[int, _Session, _Want, float]] = {}  # fd -> index, session...
+    pending = iter(enumerate(endpoints))
+
+    def advance(index: int, session: _Session, deadline: float) -> HandshakeFailed | Served | None:
+        try:
+            want = next(session)
+        except StopIteration as done:
+            session.close()
+            served: Served = done.value
+            return served
+        except HandshakeFailed as exc:
+            session.close()
+            return exc
+        fd = want.sock.fileno()
+        active[fd] = (index, session, want, deadline)
+        poller.register(fd, select.POLLOUT if want.write else select.POLLIN)
+        return None
+
+    def start() -> Iterator[tuple[int, Served | HandshakeFailed]]:
+        while len(active) < in_flight:
+            item = next(pending, None)
+            if item is None:
+                return
+            index, (address, port, sni) = item
+            deadline = time.monotonic() + timeout_s
+            outcome = advance(index, _session(address, port, sni, deadline, target), deadline)
+            if outcome is not None:
+                yield index, outcome
+
+    try:
+        yield from start()
+        while active:
+            now = time.monotonic()
+            nearest = min(deadline for _, _, _, deadline in active.values())
+            ready = poller.poll(max(0.0, nearest - now) * 1000)
+            for fd, _event in ready:
+                index, session, _want, deadline = active.pop(fd)
+                poller.unregister(fd)
+                outcome = advance(index, session, deadline)
+                if outcome is not None:
+                    yield index, outcome
+            now = time.monotonic()
+            for fd in [fd for fd, entry in active.items() if entry[3] <= now]:
+                index, session, want, _deadline = active.pop(fd)
+                poller.unregister(fd)
+                session.close()
+                yield index, HandshakeFailed(f"timed out during {want.what}")
+            yield from start()
+    finally:
+        for _index, session, _want, _deadline in active.values():
+            session.close()

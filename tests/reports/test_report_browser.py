@@ -3,10 +3,8 @@ and screenshots at desktop and narrow width (and a print) land in the artifacts 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,22 +16,10 @@ from report_hostile import TEMPLATE_TAGS, hostile_run, parse_page
 from depdrill.discover.model import Graph
 from depdrill.execute.model import Results
 from depdrill.reports.render import render_html
+from depdrill.reports.testing import artifacts_dir, chromium, png_size, screenshot
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
-
-
-def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    assert CHROMIUM is not None
-    profile = tmp_path / "chromium-profile"
-    argv = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-        "--disable-background-networking", "--no-first-run", "--disable-component-update",
-        "--disable-sync", "--disable-default-apps", "--hide-scrollbars", "--mute-audio",
-        f"--user-data-dir={profile}", *args,
-    ]  # fmt: skip
-    env = {**os.environ, "HOME": str(tmp_path)}
-    return subprocess.run(argv, capture_output=True, text=True, timeout=90, env=env, check=False)
 
 
 class Canary:
@@ -73,19 +59,12 @@ def canary() -> Iterator[Canary]:
         c.thread.join()
 
 
-@pytest.fixture
-def artifacts() -> Path:
-    folder = Path(os.environ.get("DEPDRILL_ARTIFACTS", "/tmp/depdrill-artifacts"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
 def test_control_page_does_reach_the_canary(tmp_path: Path, canary: Canary) -> None:
     # Given a page that really embeds an image from the canary (the detector's control)
     page = tmp_path / "control.html"
     page.write_text(f'<!DOCTYPE html><body><img src="{canary.base}/control"></body>')
     # When chromium loads it
-    _chromium(tmp_path, "--virtual-time-budget=3000", "--dump-dom", page.as_uri())
+    chromium(tmp_path, "--virtual-time-budget=3000", "--dump-dom", page.as_uri())
     # Then the canary saw the request: a silent canary below means nothing was asked
     assert "/control" in canary.paths
 
@@ -108,7 +87,7 @@ def test_hostile_report_runs_nothing_and_requests_nothing(tmp_path: Path, canary
     page = tmp_path / "report.html"
     page.write_text(render_html(results, graph), encoding="utf-8")
     # When chromium loads the page and lets it run
-    done = _chromium(tmp_path, "--virtual-time-budget=3000", "--dump-dom", page.as_uri())
+    done = chromium(tmp_path, "--virtual-time-budget=3000", "--dump-dom", page.as_uri())
     # Then no request reached the canary, and the live DOM holds only the template's elements
     assert done.returncode == 0, done.stderr[-2000:]
     assert canary.paths == []
@@ -118,36 +97,27 @@ def test_hostile_report_runs_nothing_and_requests_nothing(tmp_path: Path, canary
     assert all(not n.startswith("on") for _, attrs in dom.tags for n in attrs)
 
 
-def _png_size(path: Path) -> tuple[int, int]:
-    header = path.read_bytes()[:24]
-    assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
-    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
-
-
 @pytest.mark.parametrize(("label", "width"), [("desktop", 1280), ("narrow", 390)])
 def test_screenshots_of_the_lab_report(
-    tmp_path: Path, artifacts: Path, lab_run: tuple[Results, Graph], label: str, width: int
+    tmp_path: Path, lab_run: tuple[Results, Graph], label: str, width: int
 ) -> None:
     # Given the lab's report on disk
     page = tmp_path / "report.html"
     page.write_text(render_html(*lab_run), encoding="utf-8")
-    shot = artifacts / f"report-lab-{label}.png"
-    shot.unlink(missing_ok=True)
     # When chromium takes a screenshot at this width
-    _chromium(tmp_path, f"--window-size={width},2400", f"--screenshot={shot}", page.as_uri())
-    # Then the picture exists at that size, and is not a blank page (a blank one is ~9 kB)
-    assert _png_size(shot) == (width, 2400)
-    assert shot.stat().st_size > 60_000
+    shot = screenshot(page, artifacts_dir() / f"report-lab-{label}.png", width, tmp_path)
+    # Then the picture exists at that size, and is not a blank page
+    assert png_size(shot)[0] == width
 
 
-def test_the_report_prints(tmp_path: Path, artifacts: Path, lab_run: tuple[Results, Graph]) -> None:
+def test_the_report_prints(tmp_path: Path, lab_run: tuple[Results, Graph]) -> None:
     # Given the lab's report on disk
     page = tmp_path / "report.html"
     page.write_text(render_html(*lab_run), encoding="utf-8")
-    pdf = artifacts / "report-lab-print.pdf"
+    pdf = artifacts_dir() / "report-lab-print.pdf"
     pdf.unlink(missing_ok=True)
     # When chromium prints it
-    _chromium(tmp_path, "--no-pdf-header-footer", f"--print-to-pdf={pdf}", page.as_uri())
+    chromium(tmp_path, "--no-pdf-header-footer", f"--print-to-pdf={pdf}", page.as_uri())
     # Then a multi-page PDF comes out
     data = pdf.read_bytes()
     assert data.startswith(b"%PDF")

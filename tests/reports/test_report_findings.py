@@ -2,40 +2,15 @@
 
 from __future__ import annotations
 
-import difflib
-import os
 from pathlib import Path
 
 from depdrill.discover.model import Graph
 from depdrill.execute.model import Results, Verdict
 from depdrill.reports.build import build
-from depdrill.reports.model import ReportFinding
 from depdrill.reports.synthetic import Behaviour, many, synthetic_run
+from depdrill.reports.testing import compare_golden, findings_text, normalised
 
 GOLDEN = Path(__file__).parent / "golden"
-
-
-def _as_text(findings: list[ReportFinding]) -> str:
-    lines = []
-    for f in findings:
-        lines.append(f"[{f.severity}] {f.code} #{f.anchor}")
-        lines.append(f"  {f.title}")
-        lines.extend(f"  - {e}" for e in f.evidence)
-        lines.append(f"  fix: {f.fix}")
-    return "\n".join(lines) + "\n"
-
-
-def _compare(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("DEPDRILL_UPDATE_GOLDEN"):
-        path.write_text(text, encoding="utf-8")
-    expected = path.read_text(encoding="utf-8")
-    diff = "".join(
-        difflib.unified_diff(
-            expected.splitlines(keepends=True), text.splitlines(keepends=True), str(path), "now"
-        )
-    )
-    assert not diff, f"findings drifted from {path} (DEPDRILL_UPDATE_GOLDEN=1 rewrites it):\n{diff}"
 
 
 def test_lab_findings_match_golden(lab_run: tuple[Results, Graph]) -> None:
@@ -45,7 +20,7 @@ def test_lab_findings_match_golden(lab_run: tuple[Results, Graph]) -> None:
     # When the report is built
     model = build(results, graph)
     # Then the findings read exactly as reviewed, most important first
-    _compare("lab_findings.txt", _as_text(model.findings))
+    compare_golden(GOLDEN / "lab_findings.txt", findings_text(model.findings))
     assert [f.code for f in model.findings] == [
         "resolver-spof",
         "no-timeout",
@@ -157,3 +132,35 @@ def test_a_timeout_above_the_budget_is_named_in_the_fix() -> None:
         "3.0 s), and add a fallback (a cached or default answer, or answer without it) so "
         "/health stays up while orders.lab.test is down."
     )
+
+
+def test_two_audits_of_the_lab_read_the_same_once_normalised() -> None:
+    # Given the same findings from two real audits of the lab: other subnets, other counts
+    # of probes, other measured times, other days
+    first = (
+        "[critical] resolver-spof #test-dns-resolver-cabcc30c\n"
+        "  The resolver (198.18.147.2) is a single point of failure\n"
+        "  - 0 of 17 probes succeeded; they waited (“timeout after 5.0 s”, 17×).\n"
+        "  - +1000 ms of latency → degraded: 16 of 16 probes succeeded, p95 3.0 s "
+        "(7.5 ms before the fault).\n"
+        "[high] cert-expiring #tls-198-18-147-11-443-41581dee\n"
+        "  expires in 10.0 days (2026-12-07); 1000 ms of latency made /health take 2.9 s (p95)\n"
+    )
+    second = (
+        "[critical] resolver-spof #test-dns-resolver-cabcc30c\n"
+        "  The resolver (198.18.9.2) is a single point of failure\n"
+        "  - 0 of 18 probes succeeded; they waited (“timeout after 5.0 s”, 18×).\n"
+        "  - +1000 ms of latency → degraded: 15 of 16 probes succeeded, p95 3.1 s "
+        "(12 ms before the fault).\n"
+        "[high] cert-expiring #tls-198-18-9-11-443-0aa1b2c3\n"
+        "  expires in 10.0 days (2026-12-08); 1000 ms of latency made /health take 3.0 s (p95)\n"
+    )
+    # When both are normalised
+    # Then they are equal, and what was configured (budget, delay, timeout) is still there
+    assert normalised(first) == normalised(second)
+    assert "+1000 ms of latency" in normalised(first)
+    assert "“timeout after 5.0 s”" in normalised(first)
+    assert "0 of <n> probes" in normalised(first)
+    # But a finding that changed its subject or its wording does not pass as the same
+    assert normalised(first) != normalised(first.replace("0 of 17", "3 of 17"))
+    assert normalised(first) != normalised(first.replace("degraded", "tolerant"))

@@ -13,6 +13,7 @@ from depdrill.reports.render import render_html, report_json
 from depdrill.reports.run import ReportOptions, run
 from depdrill.reports.svg import graph_layout, timeline
 from depdrill.reports.synthetic import many, synthetic_run
+from depdrill.reports.text import visible_lines
 
 
 def test_every_link_on_the_page_has_its_target(lab_run: tuple[Results, Graph]) -> None:
@@ -112,6 +113,27 @@ def test_previous_run_shows_what_changed(lab_run: tuple[Results, Graph]) -> None
     assert 'id="changes"' in out.html and "change-worse" in out.html
 
 
+def test_a_dependency_that_moved_is_listed_with_its_addresses(
+    lab_run: tuple[Results, Graph],
+) -> None:
+    # Given an earlier run in which payments lived at another address (as between two
+    # audits of the lab on different subnets), with every verdict the same
+    results, graph = lab_run
+    earlier = [
+        t.model_copy(update={"fault": t.fault.model_copy(update={"addresses": ["198.18.7.10"]})})
+        if t.dependency == "payments.lab.test" and t.fault is not None
+        else t
+        for t in results.tests
+    ]
+    previous = results.model_copy(update={"tests": earlier})
+    # When the report compares the two
+    changes = run(results, graph, ReportOptions(previous=previous)).model.changes or []
+    # Then the move is the only change, neither better nor worse
+    assert [(c.kind, c.subject, c.before, c.after, c.better) for c in changes] == [
+        ("addresses", "payments.lab.test", "198.18.7.10", "198.18.0.10", None)
+    ]
+
+
 def test_timeline_shades_the_fault_and_marks_each_failure(
     lab_run: tuple[Results, Graph],
 ) -> None:
@@ -188,3 +210,14 @@ def test_graph_layout_keeps_every_box_inside_and_apart() -> None:
     assert "… +1 → c.cdn.test" in labels
     # one lane per dependency (and the resolver), each edge from the service to one of them
     assert sum(1 for e in drawing.edges if e.cls.startswith("e-dep")) == len(rows)
+
+
+def test_rules_keep_their_lines_but_not_their_tricks() -> None:
+    # Given an nft ruleset with its own layout, and a name inside it that carries a
+    # right-to-left override and a NUL
+    rules = 'table netdev t {\n\tset s {\n\t\telements = { "a\u202eb\x00" }\n\t}\n}'
+    # When it is made visible for a <pre>
+    shown = visible_lines(rules)
+    # Then the line breaks and tabs stay, the override and the NUL are spelled out
+    assert shown.splitlines()[1] == "\tset s {"
+    assert "a<U+202E>b<U+0000>" in shown

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import socket
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -193,3 +195,43 @@ def test_check_endpoint_inside_the_target_namespace(pki: Pki, tmp_path: Path, sc
     # Then only the check made inside the namespace reaches it
     assert [f.code for f in from_host.findings] == ["handshake-failed"]
     assert inside.verified and inside.findings == []
+
+
+def test_check_graph_walks_good_broken_and_silent_endpoints_at_once(
+    pki: Pki, tmp_path: Path
+) -> None:
+    # Given a graph with a good chain, a chain missing its intermediate (the verifier
+    # refuses it, so it is diagnosed off the walk's thread), and a port that accepts and
+    # never answers
+    good = pki.issue("good", pki.inter)
+    lonely = pki.issue("lonely", pki.inter, sans=("lonely.zoo.test",))
+    with (
+        TlsServer([good.cert, pki.inter.cert], good.key, tmp_path) as by_sni,
+        TlsServer([lonely.cert], lonely.key, tmp_path) as incomplete,
+        socket.create_server(("127.0.0.1", 0)) as mute,
+    ):
+        mute_port = mute.getsockname()[1]
+        graph = _graph(
+            [
+                (by_sni.address, by_sni.port, SNI, "sni"),
+                (incomplete.address, incomplete.port, "lonely.zoo.test", "sni"),
+                ("127.0.0.1", mute_port, "mute.zoo.test", "sni"),
+            ]
+        )
+        # When the graph's TLS endpoints are checked with a 1 s timeout
+        started = time.monotonic()
+        checked = check_graph(graph, ca_bundle=pki.bundle, timeout_s=1.0)
+        elapsed = time.monotonic() - started
+    # Then each endpoint has its own finding, and the silent one held up nobody for longer
+    # than its own timeout
+    codes = {
+        n.port: [f.code for f in n.tls.findings]
+        for n in checked.nodes
+        if isinstance(n, EndpointNode) and n.tls is not None
+    }
+    assert codes == {
+        by_sni.port: [],
+        incomplete.port: ["incomplete-chain"],
+        mute_port: ["handshake-failed"],
+    }
+    assert elapsed < 2.0
