@@ -115,6 +115,9 @@ class RunOptions:
     # Checks a TLS endpoint's chain: depdrill.discover.tls.check.check_endpoint, handed in
     # by the shell because a stage imports only an earlier stage's models.
     check_chain: ChainChecker | None = None
+    # False: every observation and recovery window runs its full length, even once the
+    # verdict is certain (to compare against fixed-window tools; bench/audit_time.py).
+    early_stop: bool = True
 
 
 def run(suite: Suite, options: RunOptions) -> Results:
@@ -572,7 +575,9 @@ class _SuiteRun:
                     "recovery",
                     self.timing.recovery_s,
                     record.epoch,
-                    stop=lambda s: recovered_at(s, slo) is not None,
+                    stop=(lambda s: recovered_at(s, slo) is not None)
+                    if self.options.early_stop
+                    else None,
                 ),
             )
         if self.stop.event.is_set() and recovered_at(recovery, slo) is None:
@@ -610,7 +615,9 @@ class _SuiteRun:
                     "observe",
                     duration,
                     record.epoch,
-                    stop=lambda s: observation_settled(s, planned, slo),
+                    stop=(lambda s: observation_settled(s, planned, slo))
+                    if self.options.early_stop
+                    else None,
                 ),
             )
 

@@ -22,6 +22,7 @@ kernel even if no depdrill process is left to end it. The watchdog removes the r
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import heapq
 import itertools
 import os
@@ -65,6 +66,16 @@ MAX_HELD = 65536  # packets the kernel keeps for the queue before it drops
 RECEIVE_BUFFER = 8 << 20
 SO_RCVBUFFORCE = 33  # Linux; the socket module does not name it
 IDLE_WAIT_S = 0.1
+# Release accuracy (bench/latency.py): a thread sleeping in select() wakes 50-150 us after its
+# timeout here (the default 50 us timer slack, then the scheduler), and it learns of a packet
+# 10-80 us after the kernel queued it. So the delay counts from the kernel's receive
+# timestamp, the thread asks for no timer slack, and it wakes early by the lateness it has
+# measured (a moving average), polling for the last few microseconds.
+PR_SET_TIMERSLACK = 29
+SO_TIMESTAMP = 29  # Linux; the socket module does not name it
+WAKE_GAIN = 0.1
+MAX_WAKE_ADVANCE_S = 0.001
+MAX_STAMP_AGE_S = 0.05  # an older (or future) kernel stamp is not this packet's arrival
 HANDLES = (LatencyFault,)
 # The gate: an owner-flagged nft table marks the dependency's packets with these bits before
 # iptables sees them (nft priority -200 runs before iptables mangle at -150), and the queue
@@ -154,6 +165,7 @@ class DelayQueue:
         self._random = random.Random()
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
+        self.wake_advance_s = 0.0
         # The netlink socket belongs to the namespace of the thread that opens it.
         with entered(target):
             self._nfq = NetfilterQueue()
@@ -169,11 +181,20 @@ class DelayQueue:
             ) from None
         with socket.fromfd(self._nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW) as sock:
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+        # While one socket asks for receive timestamps the kernel stamps every packet it
+        # receives, and NFQUEUE hands that stamp over with the packet.
+        self._stamps = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._stamps.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
         self._thread = threading.Thread(target=self._serve, name=f"nfqueue-{queue}", daemon=True)
         self._thread.start()
 
     def _arrived(self, packet: Any) -> None:
         now = time.monotonic()
+        # The kernel's stamp is wall-clock time; a locally sent TCP segment may carry its
+        # departure time instead (a monotonic value), which the age check turns away.
+        age = time.time() - packet.get_timestamp()
+        if 0 <= age <= MAX_STAMP_AGE_S:
+            now -= age
         wait = self.delay_s
         if self.jitter_s:
             wait = max(0.0, wait + self._random.uniform(-self.jitter_s, self.jitter_s))
@@ -184,17 +205,24 @@ class DelayQueue:
         heapq.heappush(self._held, (release, next(self._order), packet))
 
     def _serve(self) -> None:
+        _no_timer_slack()
         fd = self._nfq.get_fd()
         try:
             while not self._stopping.is_set():
                 now = time.monotonic()
                 while self._held and self._held[0][0] <= now:
                     heapq.heappop(self._held)[2].accept()
-                wait = self._held[0][0] - now if self._held else IDLE_WAIT_S
+                if self._held:
+                    timeout = max(self._held[0][0] - now - self.wake_advance_s, 0.0)
+                else:
+                    timeout = IDLE_WAIT_S
                 # select() waits with microsecond resolution; poll() and epoll only to 1 ms.
-                ready, _, _ = select.select([fd, self._wake_r], [], [], max(wait, 0.0))
+                ready, _, _ = select.select([fd, self._wake_r], [], [], timeout)
                 if fd in ready:
                     self._nfq.run(block=False)
+                elif not ready and self._held and timeout > 0:
+                    late = min(time.monotonic() - now - timeout, MAX_WAKE_ADVANCE_S)
+                    self.wake_advance_s += (late - self.wake_advance_s) * WAKE_GAIN
         finally:
             self._release_all()
 
@@ -213,12 +241,19 @@ class DelayQueue:
             self._thread.join()
         self._nfq.unbind()
         self._close_pipe()
+        self._stamps.close()
 
     def _close_pipe(self) -> None:
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._wake_r = self._wake_w = -1
+
+
+def _no_timer_slack() -> None:
+    """Ask the kernel to wake this thread at its timeouts, not up to 50 us later."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
 
 
 @dataclass

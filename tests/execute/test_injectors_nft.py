@@ -39,8 +39,9 @@ def test_blackhole_drops_silently_and_counts(fault_world: FaultWorld) -> None:
         assert control == "connected"
         # And a sibling namespace still reaches the same dependency at full speed
         assert canary == "connected" and canary_ms < 20
-        assert before == 0
-        assert (handle.matched() or 0) >= 2
+        # (a late packet of the fixture's warm-up may already sit in the counter)
+        assert before is not None
+        assert (handle.matched() or 0) >= before + 2
         assert handle.table in world.nft_tables()
     finally:
         injector.revert(handle)
