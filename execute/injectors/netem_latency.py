@@ -263,12 +263,9 @@ class NetemLatency:
         return probe_netem()
 
     def preflight(self, fault: Fault, ctx: FaultContext) -> Refusal | None:
-        refused = refusal(fault, ctx, HANDLES)
+        refused = refusal(fault, ctx, HANDLES, self.available())
         if refused is not None:
             return refused
-        why = self.available()
-        if why is not None:
-            return Refusal(ErrorReason.MISSING_CAPABILITY, f"{why} (see `depdrill doctor`)")
         foreign = self._foreign_roots(ctx.target, interfaces(ctx.target))
         if foreign:
             return Refusal(ErrorReason.PREFLIGHT_REFUSED, foreign)

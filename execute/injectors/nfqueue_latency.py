@@ -291,13 +291,7 @@ class NfqueueLatency:
         return None
 
     def preflight(self, fault: Fault, ctx: FaultContext) -> Refusal | None:
-        refused = refusal(fault, ctx, HANDLES)
-        if refused is not None:
-            return refused
-        why = self.available()
-        if why is not None:
-            return Refusal(ErrorReason.MISSING_CAPABILITY, f"{why} (see `depdrill doctor`)")
-        return None
+        return refusal(fault, ctx, HANDLES, self.available())
 
     def plan(self, fault: Fault, ctx: FaultContext) -> Plan:
         check(fault, ctx, HANDLES)

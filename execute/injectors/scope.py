@@ -65,8 +65,11 @@ def scope_of(fault: Fault) -> Scope:
     )
 
 
-def refusal(fault: Fault, ctx: FaultContext, kinds: tuple[type, ...]) -> Refusal | None:
-    """The checks that keep a fault from catching more than its dependency."""
+def refusal(
+    fault: Fault, ctx: FaultContext, kinds: tuple[type, ...], unavailable: str | None = None
+) -> Refusal | None:
+    """The checks that keep a fault from catching more than its dependency; then, when the
+    injector said why it cannot run here (`unavailable`), that."""
     if not isinstance(fault, kinds):
         return _refuse(f"{fault.kind} faults are not handled by this injector")
     if not _RUN_ID.match(ctx.run_id):
@@ -98,6 +101,8 @@ def refusal(fault: Fault, ctx: FaultContext, kinds: tuple[type, ...]) -> Refusal
         return Refusal(
             ErrorReason.MISSING_CAPABILITY, "faults need root (CAP_NET_ADMIN, CAP_SYS_ADMIN)"
         )
+    if unavailable is not None:
+        return Refusal(ErrorReason.MISSING_CAPABILITY, f"{unavailable} (see `depdrill doctor`)")
     return None
 
 
