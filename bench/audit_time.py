@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from depdrill.audit import _drive, _wait_healthy
+from depdrill.audit import drive_traffic, wait_healthy
 from depdrill.discover import run as discover_run
 from depdrill.discover.tls import check as tls_check
 from depdrill.execute import runner
@@ -37,7 +37,7 @@ DISCOVER_S = 8.0
 def generate(state_netns: str, probe_url: str, ca_bundle: str) -> Suite:
     target = Target(netns=state_netns)
     stop, ready = threading.Event(), threading.Event()
-    driver = threading.Thread(target=_drive, args=(probe_url, stop, ready), daemon=True)
+    driver = threading.Thread(target=drive_traffic, args=(probe_url, stop, ready), daemon=True)
     driver.start()
     try:
         graph = discover_run.run(
@@ -81,7 +81,7 @@ def main() -> int:
     args = parser.parse_args()
     with lab_session() as state:
         probe = TRUTH.probe_for(state)
-        _wait_healthy(probe)
+        wait_healthy(probe)
         suite = generate(state.service_netns, probe.url, state.ca_bundle)
         selected = runner.select(suite.tests, args.only)
         print(f"lab {state.prefix}: {len(suite.tests)} tests, running {len(selected)}:")

@@ -92,7 +92,7 @@ def _subject(options: AuditOptions, console: Console) -> Iterator[_Subject]:
                 world.down(prefix=options.lab_prefix)
 
 
-def _drive(
+def drive_traffic(
     url: str, stop: threading.Event, ready: threading.Event, interval_s: float = 0.2
 ) -> None:
     """Send the service requests while discovery listens, so it calls its dependencies."""
@@ -106,7 +106,7 @@ def _drive(
         stop.wait(interval_s)
 
 
-def _wait_healthy(probe: HttpProbe, within_s: float = 10.0) -> None:
+def wait_healthy(probe: HttpProbe, within_s: float = 10.0) -> None:
     deadline = time.monotonic() + within_s
     last = "no answer"
     while time.monotonic() < deadline:
@@ -137,14 +137,14 @@ def audit(
     out = options.output
     out.mkdir(parents=True, exist_ok=True)
     with _subject(options, console) as subject:
-        _wait_healthy(subject.probe)
+        wait_healthy(subject.probe)
         with console.step(
             f"discovering for {options.duration_s:.0f} s in {subject.target.describe()}"
         ):
             # Traffic starts once the capture filters packets, so the first lookups are seen.
             stop, ready = threading.Event(), threading.Event()
             driver = threading.Thread(
-                target=_drive, args=(subject.probe.url, stop, ready), daemon=True
+                target=drive_traffic, args=(subject.probe.url, stop, ready), daemon=True
             )
             driver.start()
             try:

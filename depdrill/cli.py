@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -57,7 +58,30 @@ def target_options(func: F) -> F:
     return func
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """The command group; the daemon's commands load only when asked for (they import every
+    stage and prometheus-client: `depdrill report` should not pay for that)."""
+
+    LAZY: dict[str, tuple[str, str]] = {
+        "daemon": ("depdrill.daemon.commands", "daemon_command"),
+        "history": ("depdrill.daemon.commands", "history_command"),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.LAZY:
+            module, attribute = self.LAZY[cmd_name]
+            command: click.Command = getattr(importlib.import_module(module), attribute)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=_Commands,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="depdrill")
 def cli() -> None:
     """Find what a service depends on, break each dependency on purpose, report how it copes.
@@ -400,17 +424,52 @@ def generate(
 
 
 @cli.command()
-@click.argument("old", type=click.Path(path_type=Path))
-@click.argument("new", type=click.Path(path_type=Path))
+@click.argument("old", type=click.Path(path_type=Path), required=False)
+@click.argument("new", type=click.Path(path_type=Path), required=False)
+@click.option(
+    "--scan",
+    "scans",
+    type=int,
+    multiple=True,
+    help="Compare two scans from the daemon's history instead (give it twice).",
+)
+@click.option("--db", type=click.Path(path_type=Path), help="With --scan: the history database.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="With --scan: read the history database's path from this daemon config.",
+)
 @click.option("--json", "as_json", is_flag=True)
-def diff(old: Path, new: Path, as_json: bool) -> None:
-    """Compare two graphs or two suites: dependencies added, gone, moved; certificates nearer
-    expiry. Exit 1 when anything changed (for CI)."""
-    from depdrill.generate.diff import diff_files
+def diff(
+    old: Path | None,
+    new: Path | None,
+    scans: tuple[int, ...],
+    db: Path | None,
+    config_path: Path | None,
+    as_json: bool,
+) -> None:
+    """Compare two graphs or two suites (or two daemon scans): dependencies added, gone,
+    moved; certificates nearer expiry; verdicts changed. Exit 1 when anything changed."""
+    found: Any
+    if scans:
+        from depdrill.daemon.config import load_config
+        from depdrill.daemon.drift import diff_scans
 
-    found = diff_files(old, new)
+        if len(scans) != 2 or old is not None or new is not None:
+            raise click.UsageError("give --scan A --scan B (and no files), or OLD NEW")
+        if (db is None) == (config_path is None):
+            raise click.UsageError("with --scan, give --db FILE or --config FILE")
+        database = db if db is not None else load_config(config_path).daemon.history  # type: ignore[arg-type]
+        found = diff_scans(database, scans[0], scans[1])
+    else:
+        from depdrill.generate.diff import diff_files
+
+        if old is None or new is None:
+            raise click.UsageError("give OLD NEW (two graphs or two suites), or --scan A --scan B")
+        found = diff_files(old, new)
     if as_json:
-        _echo_json(found.model_dump(mode="json"))
+        _echo_json(json.loads(found.model_dump_json()))
     else:
         for line in found.lines() or ["no change"]:
             click.echo(line)

@@ -134,7 +134,9 @@ def _parse_item(item: str, spec: _Field, whole: str) -> set[int]:
 def _value(text: str, spec: _Field, bad: Callable[[str], InputError]) -> int:
     lowered = text.lower()
     if lowered in spec.names:
-        return spec.low + spec.names.index(lowered) if spec.name == "month" else _DAYS.index(lowered)
+        return (
+            spec.low + spec.names.index(lowered) if spec.name == "month" else _DAYS.index(lowered)
+        )
     if not text.isdigit():
         expected = f"a number {spec.low}-{spec.high}" + (" or a name" if spec.names else "")
         raise bad(f"expected {expected}")

@@ -53,7 +53,7 @@ class ChainReport(Frozen):
 
     host: str  # the address or name connected to
     port: int
-    sni: str | None
+    sni: str | None = None
     checked: datetime
     handshake_ok: bool
     protocol: str | None = None  # TLSv1.3

@@ -128,3 +128,43 @@ def test_unknown_keys_are_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps(raw, default=str))
     with pytest.raises(InputError, match=r"tests\.0\.fault\.blackhole\.everything"):
         load_json(path, Suite)
+
+
+def test_no_model_has_a_required_field_that_may_be_none() -> None:
+    import typing
+
+    # Artifacts are written without nulls (dump(exclude_none=True)), so a required field
+    # that may be None would be dropped on write and refused on read.
+    from pydantic import BaseModel
+
+    from depdrill.discover.tls.model import ChainReport
+
+    offenders = []
+    seen: set[type[BaseModel]] = set()
+    todo: list[type[BaseModel]] = [Graph, Suite, Results, ChainReport]
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            if field.is_required() and type(None) in typing.get_args(field.annotation):
+                offenders.append(f"{model.__name__}.{name}")
+            for arg in _model_types(field.annotation):
+                todo.append(arg)
+    assert offenders == []
+
+
+def _model_types(annotation: object) -> list[type]:
+    import typing
+
+    from pydantic import BaseModel
+
+    found = []
+    stack = [annotation]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            found.append(current)
+        stack.extend(typing.get_args(current))
+    return found

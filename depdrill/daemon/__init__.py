@@ -1,0 +1,1 @@
+"""The daemon: continuous discovery, scheduled scans, history, drift and metrics."""

@@ -1,0 +1,70 @@
+"""Continuous discovery: windows merge into the period's graph, and a namespace that is
+deleted and created again (a container restart) is found again by the same selector."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import pytest
+
+from depdrill.daemon.config import DaemonSettings, ServiceConfig
+from depdrill.daemon.watch import Watch
+from depdrill.testing import ScratchNet, sh
+
+
+def _until(check: Callable[[], bool], within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.05)
+
+
+def test_a_recreated_namespace_is_found_again(
+    scratch_net: ScratchNet, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a service namespace watched in 30 s windows
+    ns = scratch_net.add("svc", 10)
+    service = ServiceConfig.model_validate(
+        {
+            "name": "svc",
+            "target": {"netns": ns},
+            "probes": [f"http://{scratch_net.address(10)}:8080/"],
+            "schedule": {"cron": "0 2 * * *"},
+            "output_dir": "/nonexistent",
+        }
+    )
+    watch = Watch(service, DaemonSettings(discovery_window_s=30, retry_s=0.2))
+    resolver = scratch_net.host_address
+
+    def lookup(name: str) -> None:
+        scratch_net.exec(ns, "dig", "+tries=1", "+time=1", f"@{resolver}", name, check=False)
+
+    with caplog.at_level(logging.INFO, logger="depdrill.daemon"):
+        watch.start()
+        try:
+            _until(lambda: watch.capturing)
+            lookup("before.test")
+            # When a snapshot is taken
+            first = watch.snapshot()
+            # Then the lookup is in it
+            assert first is not None
+            assert [d.name for d in first.dependencies()] == ["before.test"], caplog.text
+            # When the namespace is deleted
+            sh("ip", "netns", "del", ns)
+            _until(lambda: watch.target is None)
+            # And created again under the same name
+            scratch_net.add("svc", 10)
+            _until(lambda: watch.capturing)
+            lookup("after.test")
+            second = watch.snapshot()
+        finally:
+            watch.stop()
+    # Then discovery carried on in the new namespace, and the next period starts fresh
+    assert second is not None
+    assert [d.name for d in second.dependencies()] == ["after.test"], caplog.text
+    # And the outage and the recovery were one line each
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "target lost:" in m]) == 1, messages
+    assert len([m for m in messages if "recovered (target lost)" in m]) == 1, messages
