@@ -110,6 +110,9 @@ def test_help_everywhere() -> None:
         "cleanup",
         "diff",
         "schema",
+        "graph",
+        "daemon",
+        "history",
     ]:
         done = depdrill(command, "--help")
         assert done.returncode == 0 and "Usage:" in done.stdout, command
