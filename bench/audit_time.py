@@ -9,7 +9,7 @@ wall times and their ratio. Target (issue 6): same verdicts, >= 10x faster.
 The fixed run takes about 80 s a test; --only limits both runs to some tests (globs on test
 ids, as `depdrill run --only`):
 
-    python -P bench/audit_time.py [--only 'blackhole:*'] [--window 60]
+    python -P bench/audit_time.py [--only 'blackhole:*'] [--window 60] [--default-only]
 """
 
 from __future__ import annotations
@@ -74,10 +74,29 @@ def seconds(test: TestResult) -> float:
     return (test.ended - test.started).total_seconds()
 
 
+def report_against_truth(results: Results) -> int:
+    same = True
+    for test in results.tests:
+        truth = TRUTH.verdicts.get(test.id)
+        agree = truth is None or test.verdict == truth
+        same &= agree
+        print(
+            f"{test.id:48} {test.verdict.value:>12} {seconds(test):6.1f}  "
+            f"{truth.value if truth else '-'}{'' if agree else '  DIFFERENT: ' + test.rule}"
+        )
+    print(f"verdicts match the lab's truth: {'yes' if same else 'NO'}")
+    return 0 if same else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", default=[], help="test id glob (repeatable)")
     parser.add_argument("--window", type=float, default=60.0, help="fixed observation, s")
+    parser.add_argument(
+        "--default-only",
+        action="store_true",
+        help="skip the fixed-window run; compare the default run's verdicts with the lab's truth",
+    )
     args = parser.parse_args()
     with lab_session() as state:
         probe = TRUTH.probe_for(state)
@@ -88,6 +107,8 @@ def main() -> int:
         print("  " + ", ".join(t.id for t in selected), flush=True)
         fast_s, fast = timed_run(suite, args.only, early_stop=True)
         print(f"default (early stop): {fast_s:.1f} s", flush=True)
+        if args.default_only:
+            return report_against_truth(fast)
         timing = suite.defaults.timing.model_copy(
             update={
                 "observe_s": args.window,

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from depdrill import __version__
-from depdrill.artifact import Artifact, atomic_write, load_json, to_json
+from depdrill.artifact import Artifact, atomic_write, load_json, read_text, to_json
 from depdrill.console import Console
 from depdrill.errors import DepdrillError, InputError
 from depdrill.netns import Target
@@ -506,9 +506,16 @@ def run_cmd(
     """Run a suite against the live service: inject each fault, observe, revert, judge."""
     from depdrill.execute import runner
     from depdrill.execute.junit import to_junit
+    from depdrill.execute.vouch import Voucher
     from depdrill.generate import suitefile
 
-    suite = suitefile.load_suite(suite_path, allow_commands=allow_commands)
+    text, source = read_text(suite_path), str(suite_path)
+    suite = suitefile.parse_suite(text, source, allow_commands=allow_commands)
+    # A suite from a repository is untrusted: every fault it would apply must aim at what its
+    # dependency resolves to from the service's namespace, checked before anything runs.
+    suite.service.target.check()
+    to_run = [t.id for t in runner.select(suite.tests, list(only)) if not (t.skip or t.removed)]
+    suitefile.refuse_unvouched(text, source, suite, Voucher(suite.service.target), to_run)
     console = _console(as_json)
     results = runner.run(
         suite,

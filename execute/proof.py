@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import statistics
+import struct
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,7 @@ CONTROL_SLACK_MS = 100.0
 MAX_ADDRESSES = 4  # a dependency with many addresses: proving a few is proof enough
 REFERENCE_CONNECTS = 3
 COUNTER_SETTLE_S = 0.05
+EXPOSURE_DRAIN_MARGIN_S = 0.25
 
 EndpointKind = Literal["tcp", "udp", "dns"]
 
@@ -76,7 +78,11 @@ def measure(endpoint: Endpoint, timeout_s: float) -> Outcome:
         try:
             if endpoint.kind == "tcp":
                 sock.connect((endpoint.address, endpoint.port))
-                return Outcome("connected", took())
+                elapsed = took()
+                # End with a reset: no FIN exchange left to trickle through a delay after
+                # the proof, where it would read as the service's own traffic (Exposure).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return Outcome("connected", elapsed)
             if endpoint.kind == "udp":
                 sock.sendto(b"depdrill fault proof", (endpoint.address, endpoint.port))
                 return Outcome("sent", took())
@@ -273,3 +279,57 @@ class FaultProof:
                 elapsed_ms=round(now.elapsed_ms, 3),
             )
         ]
+
+
+def drain_s(fault: Fault) -> float:
+    """How long the proof's own packets may still meet the fault after verify() returns.
+
+    Proof connections end with a reset, but a latency proof's SYN may have been sent twice
+    (the delay outlasting the first retransmission timeout), and the second SYN-ACK is still
+    in the delay when verify() returns; a blackhole's or a DNS proof's sockets are gone at once.
+    """
+    if isinstance(fault, LatencyFault):
+        return (fault.delay_ms + fault.jitter_ms) / 1000 + EXPOSURE_DRAIN_MARGIN_S
+    return 0.0
+
+
+class Exposure:
+    """When the service's own traffic first met the fault: its packet counter rising.
+
+    Counting starts once the proof's packets have drained, so only the service's traffic
+    moves it. `at` is in sample time (seconds since `epoch`), None until seen.
+    """
+
+    def __init__(self, handle: Handle, fault: Fault, epoch: float) -> None:
+        self.handle = handle
+        self.epoch = epoch
+        self.watch_from = time.monotonic() + drain_s(fault)
+        self.base: int | None = None
+        self.last: int | None = None
+        self.at: float | None = None
+        self.uncounted = False  # the kernel gave no counter
+
+    def poll(self) -> float | None:
+        """Reads the counter (once the proof has drained); returns `at`."""
+        if time.monotonic() < self.watch_from:
+            return self.at
+        count = self.handle.matched()
+        if count is None:
+            self.uncounted = True
+            return self.at
+        if self.base is None:
+            self.base = count
+        elif count > self.base and self.at is None:
+            self.at = round(time.monotonic() - self.epoch, 4)
+        self.last = count
+        return self.at
+
+    def describe(self) -> str:
+        """One clause for the verdict's rule."""
+        if self.uncounted:
+            return "the kernel gave no packet counter for the fault"
+        if self.base is None or self.last is None:
+            return "the observation ended before the service's own packets could be counted"
+        if self.last == self.base:
+            return "the service sent nothing into the fault while it was observed"
+        return f"the fault caught {self.last - self.base} of the service's packets"

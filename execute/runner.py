@@ -38,7 +38,7 @@ from depdrill.execute.model import (
     Verdict,
 )
 from depdrill.execute.probes.registry import make_probe
-from depdrill.execute.proof import Endpoint, FaultProof
+from depdrill.execute.proof import Endpoint, Exposure, FaultProof
 from depdrill.execute.safety import FaultSession
 from depdrill.execute.sampler import Sampler, planned_samples
 from depdrill.execute.verdict import (
@@ -48,6 +48,7 @@ from depdrill.execute.verdict import (
     recovered_at,
     slo_held,
     stats,
+    tolerance_settled,
 )
 from depdrill.generate.model import (
     BlackholeFault,
@@ -513,6 +514,7 @@ class _SuiteRun:
             apply_ms = (time.monotonic() - began) * 1000
         evidence: Proof | None = None
         observed: list[Sample] = []
+        exposure: Exposure | None = None
         revert_error: str | None = None
         follower = self._follower(test, fault, handle)
         try:
@@ -522,7 +524,9 @@ class _SuiteRun:
                 with record.phase("verify"):
                     evidence = proof.verify(handle)
                 if evidence.effective and not self.stop.event.is_set():
-                    observed = self._observe(record, slo, fault_end)
+                    exposure = Exposure(handle, fault, record.epoch)
+                    observed = self._observe(record, slo, fault_end, exposure)
+                    exposure.poll()
         finally:
             self._emit(test, "revert")
             with record.phase("revert"):
@@ -589,6 +593,8 @@ class _SuiteRun:
                 evidence,
             )
         verdict, rule = judge(baseline, observed, recovery, slo)
+        if exposure is not None:
+            rule += f"; {exposure.describe()}"
         if follower is not None and follower.added:
             rule += f"; the dependency also resolved to {', '.join(follower.added)}: added"
         if follower is not None and follower.errors:
@@ -603,22 +609,25 @@ class _SuiteRun:
             return None
         return AddressFollower(self.suite.service.target, test.dependency, handle)
 
-    def _observe(self, record: _Record, slo: Slo, fault_end: float) -> list[Sample]:
+    def _observe(
+        self, record: _Record, slo: Slo, fault_end: float, exposure: Exposure
+    ) -> list[Sample]:
         # The observation never outlives the fault's deadline (the kernel expires it then).
         duration = min(self.timing.observe_s, fault_end - time.monotonic())
         planned = planned_samples(duration, self.timing.interval_s)
         self._emit(record.test, "observe", f"up to {planned} samples")
+
+        def settled(samples: list[Sample]) -> bool:
+            exposed_at = exposure.poll()  # read on every sample, early stop or not
+            if not self.options.early_stop:
+                return False
+            return observation_settled(samples, planned, slo) or tolerance_settled(
+                samples, slo, exposed_at
+            )
+
         with record.phase("observe"):
             return record.keep(
-                "observe",
-                self.sampler.window(
-                    "observe",
-                    duration,
-                    record.epoch,
-                    stop=(lambda s: observation_settled(s, planned, slo))
-                    if self.options.early_stop
-                    else None,
-                ),
+                "observe", self.sampler.window("observe", duration, record.epoch, stop=settled)
             )
 
 

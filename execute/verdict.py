@@ -16,7 +16,14 @@ Definitions, in one place:
   (b) failed vs degraded is decided — ok / N >= down_ratio (never failed) or
       (N - f) / N < down_ratio (always failed).
   Both are conservative: judging only the samples observed so far gives the verdict the
-  full window would have given. A tolerant verdict needs the whole window.
+  full window would have given.
+- Early stop, tolerant: no count of successes can prove that later samples will not fail,
+  so a tolerant observation stops early only on evidence that the service met the fault and
+  got past it: the fault's own packet counter rose with the service's traffic (*exposure*,
+  measured by the runner after the proof's packets have drained), every sample so far was
+  fast, and MIN_EXPOSED_SAMPLES samples were submitted after the exposure and settled (in
+  submission order, so a request hanging on the fault holds the decision back). Anything
+  less unanimous, or a service that never sends into the fault, gets the whole window.
 - Recovery ends at the first run of RECOVERED_AFTER consecutive fast successes.
 """
 
@@ -29,6 +36,10 @@ from depdrill.execute.model import Sample, Stats, Verdict
 from depdrill.generate.model import Slo
 
 RECOVERED_AFTER = 3
+# Samples after the exposure that settle a unanimous tolerant observation: 2 s at the
+# default 0.25 s interval. What would turn the verdict shows at once as a slow or hanging
+# sample (a timeout, a retry, a full pool), and a hanging one holds the settled prefix back.
+MIN_EXPOSED_SAMPLES = 8
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -71,6 +82,17 @@ def observation_settled(samples: Sequence[Sample], planned: int, slo: Slo) -> bo
     slo_broken = best_ok / planned < slo.success_ratio or slow > best_ok - math.ceil(0.95 * best_ok)
     decided = ok / planned >= slo.down_ratio or best_ok / planned < slo.down_ratio
     return slo_broken and decided
+
+
+def tolerance_settled(samples: Sequence[Sample], slo: Slo, exposed_at: float | None) -> bool:
+    """True once a tolerant observation may stop early (see the module docstring).
+
+    `exposed_at` is the sample time at which the service's own traffic was seen meeting
+    the fault, or None while it has not been.
+    """
+    if exposed_at is None or not all(is_fast(s, slo) for s in samples):
+        return False
+    return sum(1 for s in samples if s.t >= exposed_at) >= MIN_EXPOSED_SAMPLES
 
 
 def recovered_at(samples: Sequence[Sample], slo: Slo) -> float | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -214,6 +214,59 @@ def parse_suite(text: str, source: str, *, allow_commands: bool = False) -> Suit
                     "program as root; refused without --allow-commands"
                 )
     return suite
+
+
+def refuse_unvouched(
+    text: str,
+    source: str,
+    suite: Suite,
+    addresses_of: Callable[[str], frozenset[str]],
+    test_ids: Collection[str],
+) -> None:
+    """Refuse, FILE:LINE, a fault address its dependency does not resolve to.
+
+    `suite` is parse_suite(text, source); only the tests in `test_ids` (those about to run)
+    are checked. `addresses_of(name)` gives what a dependency's name stands for as the
+    service sees it, or raises LookupError with a one-line reason. A DNS fault aims at port
+    53 of the service's resolvers only and is not checked here.
+    """
+    root, _ = _parse_yaml(text, source)
+    for index, test in enumerate(suite.tests):
+        fault = test.fault
+        if test.id not in test_ids or fault is None or isinstance(fault, DnsBlackholeFault):
+            continue
+        if test.dependency is None:
+            node = _locate(root, ("tests", index))
+            raise InputError(
+                _comment_text(
+                    f"{source}:{_line(node)}: tests[{index}]: a fault needs the dependency its "
+                    "addresses belong to ('dependency: NAME'); refused"
+                )
+            )
+        try:
+            known = addresses_of(test.dependency)
+        except LookupError as exc:
+            node = _locate(root, ("tests", index, "dependency"))
+            raise InputError(
+                _comment_text(
+                    f"{source}:{_line(node)}: tests[{index}].dependency: cannot tell what "
+                    f"{test.dependency!r} resolves to from the service's namespace: {exc}; "
+                    "its fault is refused"
+                )
+            ) from None
+        for k, address in enumerate(fault.addresses):
+            if address in known:
+                continue
+            node = _locate(root, ("tests", index, "fault", "addresses", k))
+            now = ", ".join(sorted(known)) or "nothing"
+            raise InputError(
+                _comment_text(
+                    f"{source}:{_line(node)}: tests[{index}].fault.addresses[{k}]: {address} is "
+                    f"not an address of {test.dependency!r} (from the service's namespace it "
+                    f"resolves to {now}); regenerate with `depdrill generate --from` or set "
+                    "'skip: true'"
+                )
+            )
 
 
 def _parse_yaml(text: str, source: str) -> tuple[yaml.Node, Any]:

@@ -105,7 +105,8 @@ class NftBlackholeHandle:
     def matched(self) -> int | None:
         """Packets dropped so far, both directions."""
         try:
-            listing = self.nft.query(f"list table {FAMILY} {self.table}")
+            with self._lock:  # one libnftables context, shared with the address follower
+                listing = self.nft.query(f"list table {FAMILY} {self.table}")
         except NftError:
             return None
         return sum(c.get("packets", 0) for c in _counters(listing))

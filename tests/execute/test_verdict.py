@@ -8,12 +8,14 @@ import pytest
 
 from depdrill.execute.model import PhaseName, Sample, Verdict
 from depdrill.execute.verdict import (
+    MIN_EXPOSED_SAMPLES,
     RECOVERED_AFTER,
     judge,
     observation_settled,
     percentile,
     recovered_at,
     stats,
+    tolerance_settled,
 )
 from depdrill.generate.model import Slo
 
@@ -138,3 +140,21 @@ def test_early_stop_agrees_with_the_full_window() -> None:
         if stop is None:
             continue
         assert verdict(pattern[:stop]) == verdict(pattern), pattern
+
+
+def test_tolerant_settles_only_after_exposure_and_enough_samples_past_it() -> None:
+    # Given an all-fast window whose fault was first met by the service at t = 1.0 s
+    window = samples("o" * 32)
+    needed = 4 + MIN_EXPOSED_SAMPLES  # samples at t < 1.0 do not count towards it
+    # Then it settles exactly when MIN_EXPOSED_SAMPLES samples ran from the exposure on
+    assert not tolerance_settled(window[: needed - 1], SLO, exposed_at=1.0)
+    assert tolerance_settled(window[:needed], SLO, exposed_at=1.0)
+    # And never while the service has not been seen meeting the fault
+    assert not tolerance_settled(window, SLO, exposed_at=None)
+
+
+def test_tolerant_early_stop_needs_every_sample_fast() -> None:
+    # Given one failure or one slow answer anywhere in the window, even before exposure
+    for pattern in ("x" + "o" * 31, "o" * 20 + "s" + "o" * 11):
+        # Then the early tolerant stop is off: the whole window decides
+        assert not tolerance_settled(samples(pattern), SLO, exposed_at=0.0)
