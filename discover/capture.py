@@ -6,12 +6,19 @@ opened inside the target namespace, so every frame arrives as an IP packet whate
 interface type, and it stays bound to that namespace after this thread leaves it. Packets
 are read from a TPACKET_V3 ring (one wake-up per block of packets), or one `recv` at a
 time where the kernel has no ring.
+
+Staying out of the service's way: the kernel filter passes only what discovery reads (DNS,
+and connection attempts and ClientHellos *from* the service, not the ones it accepts), never
+loopback, and the packet loop can run at SCHED_IDLE (`frames(background=True)`) so it
+takes CPU the service leaves idle; the ring absorbs what arrives meanwhile.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import mmap
+import os
+import resource
 import select
 import socket
 import struct
@@ -55,27 +62,41 @@ _FRAME_HEADER: Final = struct.Struct(f"=6I2H{_SLL_HATYPE_AT - 28}xH")
 # DNS both ways on 53 (and DoT's SYNs below); connection attempts (SYN without ACK); TLS
 # ClientHello records (handshake 0x16, message type 1) at the start of a TCP payload. libpcap
 # cannot index past IPv6 headers with tcp[], so IPv6 reads fixed offsets (no extension headers).
-_BASE_FILTER: Final = (
-    "udp port 53 or tcp port 53"
-    " or (ip and tcp[tcpflags] & (tcp-syn|tcp-ack) = tcp-syn)"
+_DNS: Final = "udp port 53 or tcp port 53"
+_OPENINGS: Final = (
+    "(ip and tcp[tcpflags] & (tcp-syn|tcp-ack) = tcp-syn)"
     " or (ip and tcp and tcp[((tcp[12] & 0xf0) >> 2)] = 0x16"
     " and tcp[((tcp[12] & 0xf0) >> 2) + 5] = 1)"
     " or (ip6 and ip6[6] = 6 and ip6[53] & 0x12 = 0x02)"
     " or (ip6 and ip6[6] = 6 and ip6[40 + ((ip6[52] & 0xf0) >> 2)] = 0x16"
     " and ip6[45 + ((ip6[52] & 0xf0) >> 2)] = 1)"
 )
+_BASE_FILTER: Final = f"{_DNS} or {_OPENINGS}"
+# Prepended to the compiled filter: drop anything on a loopback device before it is copied
+# (classic BPF's ancillary load of the device type, linux/filter.h SKF_AD_HATYPE).
+_SKF_AD_HATYPE: Final = (-0x1000 + 28) & 0xFFFFFFFF
+_NOT_LOOPBACK: Final = struct.pack(
+    "=HBBI HBBI HBBI",
+    0x20, 0, 0, _SKF_AD_HATYPE,  # ld [hatype]
+    0x15, 0, 1, ARPHRD_LOOPBACK,  # jeq #772, next, skip one
+    0x06, 0, 0, 0,  # ret #0
+)  # fmt: skip
 
 
 def bpf_filter(service_addresses: list[str]) -> str:
-    """The kernel filter: DNS, SYNs, ClientHellos, and UDP sent from the service's addresses."""
+    """The kernel filter: DNS, and the SYNs, ClientHellos and UDP the service's addresses send.
+
+    A service accepts far more connections than it opens; the SYNs it accepts tell discovery
+    nothing, so they never leave the kernel. Without a usable address list, every opening.
+    """
     if not service_addresses or len(service_addresses) > MAX_FILTER_ADDRESSES:
         return _BASE_FILTER + " or udp"
     hosts = " or ".join(f"src host {a}" for a in sorted(service_addresses))
-    return f"{_BASE_FILTER} or (udp and ({hosts}))"
+    return f"{_DNS} or (({_OPENINGS} or udp) and ({hosts}))"
 
 
 def compile_bpf(expression: str) -> bytes:
-    """The filter as a `struct sock_fprog` for SO_ATTACH_FILTER (libpcap compiles it)."""
+    """The filter's classic BPF instructions (8 bytes each), loopback refused first."""
     from scapy.arch.common import compile_filter
 
     try:
@@ -84,9 +105,59 @@ def compile_bpf(expression: str) -> bytes:
         raise CapabilityError(
             "libpcap is needed to compile the capture filter (apt-get install libpcap0.8)"
         ) from None
-    # libpcap's bpf_program {u_int len; insn *ptr} has the layout of the kernel's sock_fprog
-    # {u_short len; insn *ptr} on little-endian 64-bit Linux: scapy's attach_filter relies on it.
-    return bytes(program)
+    import ctypes
+
+    # The loopback test goes in front: jumps are relative, so the program after it holds.
+    return _NOT_LOOPBACK + ctypes.string_at(program.bf_insns, program.bf_len * 8)
+
+
+def attach_bpf(sock: socket.socket, instructions: bytes) -> None:
+    """SO_ATTACH_FILTER: the kernel copies the program from a `struct sock_fprog`."""
+    import ctypes
+
+    program = ctypes.create_string_buffer(instructions, len(instructions))
+    fprog = struct.pack("HL", len(instructions) // 8, ctypes.addressof(program))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)  # copied: `program` may go
+
+
+class _Priority:
+    """This thread's scheduling: SCHED_IDLE while the ring keeps up, its own policy otherwise.
+
+    At SCHED_IDLE the packet loop runs only on CPU nothing else wants, so the service it
+    watches never waits for it; the ring absorbs what arrives meanwhile. When the ring
+    fills past a quarter (the service's host is busy for long, not in a burst) or the
+    capture is ending, the loop takes its normal share again rather than lose packets.
+    """
+
+    def __init__(self) -> None:
+        self.background = False
+        self._own: tuple[int, os.sched_param] | None = None
+        try:
+            if _may_leave_idle():  # else SCHED_IDLE would be for good: stay as we are
+                self._own = os.sched_getscheduler(0), os.sched_getparam(0)
+        except (OSError, AttributeError):
+            pass  # not Linux: the normal priority is correct, only less polite
+
+    def lower(self) -> None:
+        if self._own is not None and not self.background:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            self.background = True
+
+    def restore(self) -> None:
+        if self._own is not None and self.background:
+            os.sched_setscheduler(0, *self._own)
+            self.background = False
+
+
+def _may_leave_idle() -> bool:
+    """Whether this thread could return from SCHED_IDLE (sched(7): CAP_SYS_NICE or RLIMIT_NICE)."""
+    cap_sys_nice = 23
+    with open("/proc/thread-self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:") and int(line.split()[1], 16) >> cap_sys_nice & 1:
+                return True
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    return soft == resource.RLIM_INFINITY or 20 - os.getpriority(os.PRIO_PROCESS, 0) <= soft
 
 
 class LiveCapture:
@@ -130,7 +201,7 @@ class LiveCapture:
         except PermissionError:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         self.filter = bpf_filter(self.service_addresses)
-        self._sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, compile_bpf(self.filter))
+        attach_bpf(self._sock, compile_bpf(self.filter))
         self._sock.setblocking(False)
         try:
             self._ring = _Ring(self._sock)
@@ -149,8 +220,20 @@ class LiveCapture:
         self, duration_s: float, stop: threading.Event | None = None
     ) -> Iterator[tuple[float, Segment | None]]:
         """(time, segment) until `duration_s` passes or `stop` is set; lo is skipped."""
+        for t, packet in self.frames(duration_s, stop):
+            yield t, decode_ip(packet)
+
+    def frames(
+        self, duration_s: float, stop: threading.Event | None = None, background: bool = False
+    ) -> Iterator[tuple[float, bytes]]:
+        """(time, IP packet) until `duration_s` passes or `stop` is set; lo is skipped.
+
+        `background`: read the ring at SCHED_IDLE while it keeps up (see _Priority); the
+        consumer runs in this generator's thread, so its work is background work too.
+        """
         if self._ring is not None:
-            yield from self._ring_packets(self._ring, duration_s, stop)
+            priority = _Priority() if background else None
+            yield from self._ring_frames(self._ring, duration_s, stop, priority)
             return
         buffer = bytearray(1 << 18)  # GRO can hand over 64 KiB+ super-packets
         view = memoryview(buffer)
@@ -175,7 +258,7 @@ class LiveCapture:
                     if address[3] == ARPHRD_LOOPBACK:
                         continue
                     self.packet_count += 1
-                    yield time.time(), decode_ip(bytes(view[:size]))
+                    yield time.time(), bytes(view[:size])
             for _ in range(MAX_DRAIN):  # what the socket already holds arrived before the end
                 try:
                     size, address = self._sock.recvfrom_into(buffer)
@@ -183,14 +266,18 @@ class LiveCapture:
                     break
                 if address[3] != ARPHRD_LOOPBACK:
                     self.packet_count += 1
-                    yield time.time(), decode_ip(bytes(view[:size]))
+                    yield time.time(), bytes(view[:size])
         finally:
             view.release()
             self._read_drops()
 
-    def _ring_packets(
-        self, ring: _Ring, duration_s: float, stop: threading.Event | None
-    ) -> Iterator[tuple[float, Segment | None]]:
+    def _ring_frames(
+        self,
+        ring: _Ring,
+        duration_s: float,
+        stop: threading.Event | None,
+        priority: _Priority | None,
+    ) -> Iterator[tuple[float, bytes]]:
         deadline = time.monotonic() + duration_s
         last_stats = time.monotonic()
         drain_until: float | None = None
@@ -203,6 +290,9 @@ class LiveCapture:
                     # The block being filled reaches us only when the kernel retires it:
                     # wait that out, so what arrived before the end is not lost.
                     drain_until = now + DRAIN_S
+                    if priority is not None:  # whoever stopped us waits for the drain
+                        priority.restore()
+                        priority = None
                 if now - last_stats > 1.0:
                     self._read_drops()
                     last_stats = now
@@ -210,18 +300,22 @@ class LiveCapture:
                 if block is None:
                     if drain_until is not None and now >= drain_until:
                         break
+                    if priority is not None:
+                        priority.lower()  # caught up
                     end = deadline if drain_until is None else drain_until
                     select.select([self._sock], [], [], max(0.0, min(POLL_S, end - now)))
                     continue
+                if priority is not None and ring.backlog() >= RING_BLOCKS // 4:
+                    priority.restore()
                 try:
-                    for t, packet, hatype in ring.frames(block):
-                        if hatype == ARPHRD_LOOPBACK:
-                            continue
-                        self.packet_count += 1
-                        yield t, decode_ip(packet)
+                    packets = ring.frames(block)
+                    self.packet_count += len(packets)
+                    yield from packets
                 finally:
                     ring.release(block)
         finally:
+            if priority is not None:
+                priority.restore()
             self._read_drops()
 
     def _read_drops(self) -> None:
@@ -274,20 +368,37 @@ class _Ring:
         status = int.from_bytes(self._map[offset + 8 : offset + 12], "little")
         return offset if status & TP_STATUS_USER else None
 
-    def frames(self, block: int) -> Iterator[tuple[float, bytes, int]]:
+    def frames(self, block: int) -> list[tuple[float, bytes]]:
+        """The block's (time, IP packet)s, copied out; loopback's are left out."""
         count, first = _BLOCK_HEADER.unpack_from(self._map, block + 12)
         at = block + first
         end = block + RING_BLOCK
         ring = self._map
         unpack = _FRAME_HEADER.unpack_from
+        last = end - _FRAME_HEADER.size
+        packets: list[tuple[float, bytes]] = []
+        append = packets.append
         for _ in range(count):
-            if at + _FRAME_HEADER.size > end:
+            if at > last:
                 break
             step, sec, nsec, snaplen, _, _, _, net, hatype = unpack(ring, at)
-            yield sec + nsec / 1e9, ring[at + net : min(end, at + net + snaplen)], hatype
+            if hatype != ARPHRD_LOOPBACK:  # the filter refuses these: a second guard, cheap
+                start = at + net
+                append((sec + nsec / 1e9, ring[start : min(end, start + snaplen)]))
             if not step:
                 break
             at += step
+        return packets
+
+    def backlog(self) -> int:
+        """How many blocks, from the next one on, the kernel has filled and handed over."""
+        ready = 0
+        while ready < RING_BLOCKS:
+            offset = (self._next + ready) % RING_BLOCKS * RING_BLOCK
+            if not int.from_bytes(self._map[offset + 8 : offset + 12], "little") & TP_STATUS_USER:
+                break
+            ready += 1
+        return ready
 
     def release(self, block: int) -> None:
         """Hand the block back to the kernel and move to the next one."""

@@ -32,6 +32,7 @@ _MAX_HOPS: Final = 16
 _MAX_NAME: Final = 255
 _ESCAPED: Final = b'"().;\\@$'
 _PLAIN: Final = bytes(c for c in range(0x21, 0x7F) if c not in _ESCAPED)
+_PLAIN_OR_DOT: Final = _PLAIN + b"."
 _QTYPES: Final = {
     t: dns.rdatatype.to_text(dns.rdatatype.RdataType.make(t))
     for t in (1, 2, 5, 6, 12, 15, 16, 28, 33, 43, 48, 64, 65, 99, 255, 257)
@@ -48,7 +49,8 @@ def _labels(wire: bytes, pos: int, end: int) -> tuple[list[bytes], int] | None:
     """The labels of the name at pos (end: where the enclosing read must stop) and where
     the reader continues, or None for anything dnspython would refuse."""
     labels: list[bytes] = []
-    biggest = start = furthest = pos
+    biggest = start = pos
+    after = -1  # where the reader continues: after the first pointer, if there is one
     hops = 0
     total = 1
     while True:
@@ -74,21 +76,25 @@ def _labels(wire: bytes, pos: int, end: int) -> tuple[list[bytes], int] | None:
             hops += 1
             if hops > _MAX_HOPS or start > end:
                 return None
-            furthest = max(furthest, pos)
+            if after < 0:
+                after = pos
             end = start  # the target must end before this part of the name begins
             biggest = start = pos = pointer
         else:
             return None
-        furthest = max(furthest, pos)
     if total > _MAX_NAME:
         return None
-    return labels, max(furthest, pos)
+    return labels, pos if after < 0 else after
 
 
 def _text(labels: list[bytes]) -> str:
     """As dnspython's to_text(omit_final_dot=True), lower-cased."""
     if not labels:
         return "."
+    joined = b".".join(labels)
+    # No byte to escape, and the only dots the ones joining labels: the text is the bytes.
+    if not joined.translate(None, _PLAIN_OR_DOT) and joined.count(46) == len(labels) - 1:
+        return joined.lower().decode("ascii")
     return ".".join(_label_text(label) for label in labels).lower()
 
 
@@ -120,6 +126,12 @@ def parse(wire: bytes) -> DnsMessage | None:
         if rdclass != _IN or qtype is None:
             return None
         qname, pos = _text(name[0]), name[1] + 4
+    if not (ancount or nscount or arcount):  # a query, or an answer with no records at all
+        return tuple.__new__(
+            DnsMessage,
+            (msg_id, flags & 0x8000 != 0, _RCODES[flags & 0x000F], flags & 0x0200 != 0, qname,
+             qtype, ()),
+        )  # fmt: skip
     # (owner lower-cased, type) -> [owner text, ttl, {value key: value text}], in first-seen order
     rrsets: dict[tuple[tuple[bytes, ...], int], list[object]] = {}
     ednsflags = 0
@@ -178,19 +190,27 @@ def parse(wire: bytes) -> DnsMessage | None:
             if rdtype == _CNAME:  # a singleton type: the last one replaces the others
                 values.clear()
             values.setdefault(key, value)
-    answers = tuple(
-        Record(rrset[0], _FOLLOWED[rdtype], rrset[1], value)  # type: ignore[arg-type]
-        for (_, rdtype), rrset in rrsets.items()
-        for value in rrset[2].values()  # type: ignore[attr-defined]
+    answers = (
+        tuple(
+            Record(rrset[0], _FOLLOWED[rdtype], rrset[1], value)  # type: ignore[arg-type]
+            for (_, rdtype), rrset in rrsets.items()
+            for value in rrset[2].values()  # type: ignore[attr-defined]
+        )
+        if rrsets
+        else ()
     )
-    return DnsMessage(
-        id=msg_id,
-        response=bool(flags & 0x8000),
-        rcode=_RCODES[(flags & 0x000F) | ((ednsflags >> 20) & 0xFF0)],
-        truncated=bool(flags & 0x0200),
-        qname=qname,
-        qtype=qtype,
-        answers=answers,
+    # tuple.__new__: the NamedTuple's own constructor is a Python function, a third of the cost
+    return tuple.__new__(
+        DnsMessage,
+        (
+            msg_id,
+            flags & 0x8000 != 0,
+            _RCODES[(flags & 0x000F) | ((ednsflags >> 20) & 0xFF0)],
+            flags & 0x0200 != 0,
+            qname,
+            qtype,
+            answers,
+        ),
     )
 
 

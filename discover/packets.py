@@ -112,14 +112,14 @@ def _ipv4(packet: bytes) -> Segment | None:
         return None
     # A capture may pad short frames or offload may leave total 0 (TSO): trust the shorter.
     end = min(len(packet), total) if total >= header_len else len(packet)
-    return _transport(proto, _ipv4_text(src), _ipv4_text(dst), packet[header_len:end])
+    return _transport(proto, ipv4_text(src), ipv4_text(dst), packet[header_len:end])
 
 
 _ADDRESS_TEXT: dict[bytes, str] = {}
 _MAX_ADDRESSES: Final = 65536
 
 
-def _ipv4_text(raw: bytes) -> str:
+def ipv4_text(raw: bytes) -> str:
     """An IPv4 address as text; a service talks to few addresses, so remember them."""
     text = _ADDRESS_TEXT.get(raw)
     if text is None:

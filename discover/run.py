@@ -13,7 +13,8 @@ from pydantic import Field, model_validator
 from depdrill.artifact import Frozen, sha256_file, utcnow
 from depdrill.discover.capture import LiveCapture, read_pcap
 from depdrill.discover.correlate import EXAMPLES, GraphBuilder, describe
-from depdrill.discover.dissect import DNS_PORT, Dissector
+from depdrill.discover.dissect import DNS_PORT, Dissector, PacketEvent
+from depdrill.discover.dns import DnsMessage
 from depdrill.discover.model import (
     BlindSpot,
     BlindSpotCode,
@@ -27,7 +28,7 @@ from depdrill.discover.model import (
     ResolvedEdge,
     Seen,
 )
-from depdrill.discover.packets import Segment
+from depdrill.discover.packets import Segment, decode_ip, ipv4_text
 from depdrill.netns import Target
 
 
@@ -85,7 +86,8 @@ def run(
         dissector = Dissector()
         if ready is not None:
             ready.set()
-        _feed(builder, dissector, capture.packets(options.duration_s, stop))
+        frames = capture.frames(options.duration_s, stop, background=True)
+        _feed_live(builder, dissector, frames)
         stats = CaptureStats(
             started=started,
             ended=utcnow(),
@@ -138,6 +140,44 @@ def _feed(
         if seg is not None:
             builder.add(dissector.event(t, seg))
     return count
+
+
+def _feed_live(
+    builder: GraphBuilder, dissector: Dissector, frames: Iterable[tuple[float, bytes]]
+) -> None:
+    """Every captured IP packet into the builder, the common shape read inline.
+
+    An IPv4 packet with a plain 20-byte header, not a later fragment, carrying UDP, is
+    nearly every DNS message: it becomes its PacketEvent here, exactly as decode_ip and
+    Dissector.event would make it (tests/discover/test_discover_run.py holds them equal),
+    without the Segment and the calls between. Everything else takes that general path.
+    """
+    add, event, parse = builder.add, dissector.event, dissector.parser.parse
+    new, address, udp_event = tuple.__new__, ipv4_text, PacketEvent
+    for t, packet in frames:
+        size = len(packet)
+        if (
+            size >= 28
+            and packet[0] == 0x45
+            and packet[9] == 17
+            and not (packet[6] & 0x1F or packet[7])
+        ):
+            total = packet[2] << 8 | packet[3]
+            end = size if total < 20 or total > size else total
+            if end >= 28:
+                sport, dport = packet[20] << 8 | packet[21], packet[22] << 8 | packet[23]
+                messages: tuple[DnsMessage, ...] = ()
+                if (sport == DNS_PORT or dport == DNS_PORT) and end > 28:
+                    parsed = parse(packet[28:end])
+                    if parsed is not None:
+                        messages = (parsed,)
+                src, dst = address(packet[12:16]), address(packet[16:20])
+                fields = (t, src, dst, sport, dport, "udp", False, messages, False, None)
+                add(new(udp_event, fields))
+                continue
+        seg = decode_ip(packet)
+        if seg is not None:
+            add(event(t, seg))
 
 
 def _guess_service_addresses(packets: Iterable[tuple[float, Segment | None]]) -> list[str]:
