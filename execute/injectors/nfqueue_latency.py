@@ -1,8 +1,8 @@
-"""Latency through NFQUEUE, for kernels without sch_netem: packets wait in this process.
+"""Latency through NFQUEUE, for kernels without sch_netem: packets wait in user space.
 
 An iptables-legacy rule in the target namespace queues the dependency's packets (nft's own
-`queue` expression is often compiled out, as here); a reader thread bound to that queue,
-from a netlink socket born inside the namespace, holds each packet and gives its verdict
+`queue` expression is often compiled out, as here); a release process (nfqueue_release),
+reading a netlink socket born inside the namespace, holds each packet and gives its verdict
 once the delay (plus jitter) has passed, in arrival order.
 
 The receive path (packets from the dependency, mangle INPUT) is delayed by default: that
@@ -12,8 +12,9 @@ charged to the socket, and TCP small queues then starve the flow (measured here:
 fell to 0.3 Mbit/s at 100 ms on OUTPUT, against 237 Mbit/s on INPUT).
 
 `--queue-bypass` means a dead reader costs nothing: with no socket bound to the queue the
-kernel accepts the packets (measured: traffic flows again within 2 ms of a SIGKILL). And
-the queue rule only takes packets an owner-flagged nft table of this process has marked
+kernel accepts the packets (measured: traffic flows again within 2 ms of a SIGKILL). The
+release process ends when this process does (its stdin is a pipe from here). And the
+queue rule only takes packets an owner-flagged nft table of this process has marked
 (the gate), so if this process dies the rule matches nothing the moment the kernel drops
 the table, and at the deadline the gate's set elements time out: the fault ends in the
 kernel even if no depdrill process is left to end it. The watchdog removes the rule.
@@ -22,17 +23,15 @@ kernel even if no depdrill process is left to end it. The watchdog removes the r
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import heapq
-import itertools
+import errno
+import json
+import mmap
 import os
-import random
 import select
 import shlex
-import socket
+import subprocess
+import sys
 import threading
-import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -46,6 +45,7 @@ from depdrill.execute.injectors.base import (
     Refusal,
 )
 from depdrill.execute.injectors.libnftables import NftContext, NftError, library
+from depdrill.execute.injectors.nfqueue_release import COUNTER, open_queue
 from depdrill.execute.injectors.scope import (
     DNS_PORT,
     Scope,
@@ -62,20 +62,10 @@ from depdrill.netns import Target, entered
 # Queue numbers depdrill uses (0xdd00-0xddff), so they never meet an application's queues.
 QUEUE_BASE = 0xDD00
 QUEUE_SPAN = 256
-MAX_HELD = 65536  # packets the kernel keeps for the queue before it drops
-RECEIVE_BUFFER = 8 << 20
-SO_RCVBUFFORCE = 33  # Linux; the socket module does not name it
-IDLE_WAIT_S = 0.1
-# Release accuracy (bench/latency.py): a thread sleeping in select() wakes 50-150 us after its
-# timeout here (the default 50 us timer slack, then the scheduler), and it learns of a packet
-# 10-80 us after the kernel queued it. So the delay counts from the kernel's receive
-# timestamp, the thread asks for no timer slack, and it wakes early by the lateness it has
-# measured (a moving average), polling for the last few microseconds.
-PR_SET_TIMERSLACK = 29
-SO_TIMESTAMP = 29  # Linux; the socket module does not name it
-WAKE_GAIN = 0.1
-MAX_WAKE_ADVANCE_S = 0.001
-MAX_STAMP_AGE_S = 0.05  # an older (or future) kernel stamp is not this packet's arrival
+MAX_HELD = 65536  # packets the kernel keeps for the queue (then it accepts them: fail open)
+RELEASE_MODULE = "depdrill.execute.injectors.nfqueue_release"
+START_TIMEOUT_S = 5.0
+CLOSE_TIMEOUT_S = 2.0
 HANDLES = (LatencyFault,)
 # The gate: an owner-flagged nft table marks the dependency's packets with these bits before
 # iptables sees them (nft priority -200 runs before iptables mangle at -150), and the queue
@@ -150,110 +140,114 @@ def build_rules(scope: Scope, direction: str, queue: int, comment: str) -> list[
 
 
 class DelayQueue:
-    """Holds every packet of one NFQUEUE queue for `delay_s` (+ jitter), then accepts it."""
+    """Holds every packet of one NFQUEUE queue for `delay_s` (+ jitter), then accepts it.
+
+    The holding happens in a release process of its own (nfqueue_release says why); this
+    object binds the queue inside the target namespace, starts that process, and ends it.
+    """
 
     def __init__(self, target: Target, queue: int, delay_s: float, jitter_s: float) -> None:
-        from netfilterqueue import COPY_META, NetfilterQueue
-
         self.queue = queue
         self.delay_s = delay_s
         self.jitter_s = jitter_s
-        self.queued = 0
-        self._held: list[tuple[float, int, Any]] = []
-        self._order = itertools.count()
-        self._last_release = 0.0
-        self._random = random.Random()
-        self._stopping = threading.Event()
-        self._wake_r, self._wake_w = os.pipe()
-        self.wake_advance_s = 0.0
-        # The netlink socket belongs to the namespace of the thread that opens it.
-        with entered(target):
-            self._nfq = NetfilterQueue()
+        self.stats: dict[str, Any] = {}
         try:
-            with warnings.catch_warnings():
-                # It warns when the receive buffer is capped; it is forced larger below.
-                warnings.simplefilter("ignore", RuntimeWarning)
-                self._nfq.bind(queue, self._arrived, max_len=MAX_HELD, mode=COPY_META, range=0)
+            # The netlink socket belongs to the namespace of the thread that opens it.
+            with entered(target):
+                sock = open_queue(queue, MAX_HELD)
         except OSError as exc:
-            self._close_pipe()
+            why = str(exc)
+            if exc.errno == errno.EPERM:
+                why = "bound by another process (or this one lacks CAP_NET_ADMIN)"
             raise InjectorError(
-                ErrorReason.APPLY_FAILED, f"cannot bind NFQUEUE {queue}: {exc}"
+                ErrorReason.APPLY_FAILED, f"cannot bind NFQUEUE {queue}: {why}"
             ) from None
-        with socket.fromfd(self._nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
-        # While one socket asks for receive timestamps the kernel stamps every packet it
-        # receives, and NFQUEUE hands that stamp over with the packet.
-        self._stamps = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._stamps.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
-        self._thread = threading.Thread(target=self._serve, name=f"nfqueue-{queue}", daemon=True)
-        self._thread.start()
-
-    def _arrived(self, packet: Any) -> None:
-        now = time.monotonic()
-        # The kernel's stamp is wall-clock time; a locally sent TCP segment may carry its
-        # departure time instead (a monotonic value), which the age check turns away.
-        age = time.time() - packet.get_timestamp()
-        if 0 <= age <= MAX_STAMP_AGE_S:
-            now -= age
-        wait = self.delay_s
-        if self.jitter_s:
-            wait = max(0.0, wait + self._random.uniform(-self.jitter_s, self.jitter_s))
-        # Never overtake an earlier packet: jitter must not reorder a TCP stream.
-        release = max(now + wait, self._last_release)
-        self._last_release = release
-        self.queued += 1
-        heapq.heappush(self._held, (release, next(self._order), packet))
-
-    def _serve(self) -> None:
-        _no_timer_slack()
-        fd = self._nfq.get_fd()
+        counter_fd = os.memfd_create("depdrill-nfqueue-count", os.MFD_CLOEXEC)
         try:
-            while not self._stopping.is_set():
-                now = time.monotonic()
-                while self._held and self._held[0][0] <= now:
-                    heapq.heappop(self._held)[2].accept()
-                if self._held:
-                    timeout = max(self._held[0][0] - now - self.wake_advance_s, 0.0)
-                else:
-                    timeout = IDLE_WAIT_S
-                # select() waits with microsecond resolution; poll() and epoll only to 1 ms.
-                ready, _, _ = select.select([fd, self._wake_r], [], [], timeout)
-                if fd in ready:
-                    self._nfq.run(block=False)
-                elif not ready and self._held and timeout > 0:
-                    late = min(time.monotonic() - now - timeout, MAX_WAKE_ADVANCE_S)
-                    self.wake_advance_s += (late - self.wake_advance_s) * WAKE_GAIN
+            os.ftruncate(counter_fd, COUNTER.size)
+            self._counter = mmap.mmap(counter_fd, COUNTER.size)
+            # The release process gets the only copy of the socket: when it ends, however it
+            # ends, the queue is unbound. Its stdin is its lifeline to this process.
+            self._process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-P",
+                    "-m",
+                    RELEASE_MODULE,
+                    str(sock.fileno()),
+                    str(counter_fd),
+                    str(queue),
+                    repr(delay_s),
+                    repr(jitter_s),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                pass_fds=(sock.fileno(), counter_fd),
+                text=True,
+            )
+        except OSError as exc:
+            raise InjectorError(
+                ErrorReason.APPLY_FAILED, f"cannot start the NFQUEUE release process: {exc}"
+            ) from None
         finally:
-            self._release_all()
+            sock.close()
+            os.close(counter_fd)
+        self.policy = self._await_ready()
 
-    def _release_all(self) -> None:
-        while self._held:
-            _, _, packet = heapq.heappop(self._held)
-            # An unbound queue raises: the kernel has taken the packet back already.
-            with contextlib.suppress(RuntimeError):
-                packet.accept()
+    def _await_ready(self) -> str:
+        stdout = self._process.stdout
+        assert stdout is not None
+        ready, _, _ = select.select([stdout], [], [], START_TIMEOUT_S)
+        words = stdout.readline().split() if ready else []
+        if len(words) != 2 or words[0] != "ready":
+            self._end(kill=True)
+            raise InjectorError(
+                ErrorReason.APPLY_FAILED,
+                f"the NFQUEUE release process for queue {self.queue} did not start",
+            )
+        return words[1]
+
+    @property
+    def queued(self) -> int:
+        """Packets that entered the delay queue so far."""
+        if self._counter.closed:
+            return int(self.stats.get("queued", 0))
+        (count,) = COUNTER.unpack_from(self._counter)
+        return int(count)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
 
     def close(self) -> None:
         """Release every held packet at once and unbind (the kernel then bypasses)."""
-        if not self._stopping.is_set():
-            self._stopping.set()
-            os.write(self._wake_w, b"x")
-            self._thread.join()
-        self._nfq.unbind()
-        self._close_pipe()
-        self._stamps.close()
+        if not self._counter.closed:
+            self._end(kill=False)
 
-    def _close_pipe(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
+    def _end(self, kill: bool) -> None:
+        process = self._process
+        assert process.stdin is not None and process.stdout is not None
+        if kill:
+            process.kill()
+        # End of file on its stdin: it accepts what it holds, closes the queue's socket,
+        # and then prints its statistics. Its interpreter's exit (15-20 ms here) is not
+        # waited for; a thread reaps it.
+        with contextlib.suppress(BrokenPipeError):
+            process.stdin.close()
+        ready, _, _ = select.select([process.stdout], [], [], CLOSE_TIMEOUT_S)
+        summary = process.stdout.readline() if ready else ""
+        with contextlib.suppress(ValueError):
+            self.stats = json.loads(summary)
+        if not summary:
+            process.kill()
+        self.stats.setdefault("queued", self.queued)
+        self._counter.close()
+        threading.Thread(target=self._reap, name="nfqueue-reap", daemon=True).start()
 
-
-def _no_timer_slack() -> None:
-    """Ask the kernel to wake this thread at its timeouts, not up to 50 us later."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
+    def _reap(self) -> None:
+        self._process.wait()
+        assert self._process.stdout is not None
+        self._process.stdout.close()
 
 
 @dataclass
@@ -276,10 +270,7 @@ class NfqueueLatency:
     name: ClassVar[str] = "nfqueue-latency"
 
     def available(self) -> str | None:
-        try:
-            import netfilterqueue  # noqa: F401
-        except ImportError as exc:
-            return f"NetfilterQueue is not importable ({exc}): pip install NetfilterQueue"
+        # The release process speaks nfnetlink_queue itself: no libnetfilter_queue binding.
         from shutil import which
 
         if which("iptables-legacy-restore") is None:

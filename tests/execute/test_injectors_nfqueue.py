@@ -1,20 +1,30 @@
-"""nfqueue-latency: packets wait in this process for the set delay, then go on, in order."""
+"""nfqueue-latency: packets wait in a release process for the set delay, then go on, in order."""
 
 from __future__ import annotations
 
+import os
+import socket
 import statistics
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 from fault_world import FaultWorld, fault_world_fixture  # noqa: F401
 
+from depdrill.execute.injectors.base import InjectorError
 from depdrill.execute.injectors.nfqueue_latency import (
     QUEUE_BASE,
     QUEUE_SPAN,
+    DelayQueue,
     NfqueueLatency,
 )
 from depdrill.execute.model import ErrorReason
 from depdrill.generate.model import BlackholeFault, LatencyFault
+from depdrill.netns import Target, entered
+from depdrill.testing import ScratchNet
 
 
 def test_added_rtt_is_the_delay_within_a_few_ms(fault_world: FaultWorld) -> None:
@@ -119,3 +129,145 @@ def test_preflight_refuses_other_faults_and_port_53(fault_world: FaultWorld) -> 
 def test_revert_of_a_foreign_handle_is_refused() -> None:
     with pytest.raises(TypeError):
         NfqueueLatency().revert(object())
+
+
+def test_held_packets_go_at_once_when_the_fault_is_reverted(fault_world: FaultWorld) -> None:
+    # Given 2 s of latency and a connection whose SYN-ACK is being held
+    world = fault_world
+    injector = NfqueueLatency()
+    handle = injector.apply(LatencyFault(addresses=[world.dependency], delay_ms=2000), world.ctx())
+    outcome: list[tuple[str, float]] = []
+    connecting = threading.Thread(
+        target=lambda: outcome.append(world.connect(world.dependency, 7001, timeout=5))
+    )
+    began = time.monotonic()
+    connecting.start()
+    time.sleep(0.3)
+    # When the fault is reverted
+    injector.revert(handle)
+    connecting.join()
+    # Then the held reply went on at once: connected, long before the 2 s were up
+    assert outcome[0][0] == "connected"
+    assert time.monotonic() - began < 1.2
+    assert handle.delay.stats["queued"] >= 1
+
+
+def test_jitter_never_reorders_datagrams(fault_world: FaultWorld, scratch_net: ScratchNet) -> None:
+    # Given 30 ms +- 25 ms on datagrams from the dependency's port 7009
+    world = fault_world
+    dependency = Target(netns=scratch_net.namespaces[1])
+    with entered(world.service):
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with entered(dependency):
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with receiver, sender:
+        receiver.bind(("0.0.0.0", 7010))
+        receiver.settimeout(2)
+        sender.bind((world.dependency, 7009))
+        service_address = scratch_net.address(2)
+        injector = NfqueueLatency()
+        fault = LatencyFault(addresses=[world.dependency], ports=[7009], delay_ms=30, jitter_ms=25)
+        handle = injector.apply(fault, world.ctx())
+        try:
+            # When the dependency sends 60 numbered datagrams in a quick burst
+            sent_at = time.monotonic()
+            for number in range(60):
+                sender.sendto(number.to_bytes(2, "big"), (service_address, 7010))
+            arrived = []
+            for _ in range(60):
+                arrived.append(int.from_bytes(receiver.recv(16), "big"))
+            waited = time.monotonic() - sent_at
+        finally:
+            injector.revert(handle)
+    # Then every one arrived, in the order sent, after at least the delay minus the jitter
+    assert arrived == list(range(60))
+    assert 0.005 <= waited < 0.5
+    # And the release process accounted for each, with its scheduling and its lateness
+    stats = handle.delay.stats
+    assert stats["queued"] == 60 and stats["stamped"] == 60
+    assert stats["policy"] in {"fifo:10", "other"}
+    assert stats["policy"] == handle.delay.policy
+    assert stats["late_p99_us"] is not None and stats["late_p99_us"] <= stats["late_max_us"]
+
+
+def test_a_queue_someone_else_reads_is_refused(fault_world: FaultWorld) -> None:
+    # Given a delay queue bound to a queue number
+    world = fault_world
+    first = DelayQueue(world.service, QUEUE_BASE + QUEUE_SPAN - 1, 0.01, 0.0)
+    try:
+        # When a second one asks for the same queue
+        with pytest.raises(InjectorError) as refused:
+            DelayQueue(world.service, QUEUE_BASE + QUEUE_SPAN - 1, 0.01, 0.0)
+        # Then it is refused with the kernel's reason, and the first one is untouched
+        assert refused.value.reason == ErrorReason.APPLY_FAILED
+        assert (
+            "cannot bind NFQUEUE" in refused.value.message
+            and "bound by another" in refused.value.message
+        )
+        assert os.waitpid(first.pid, os.WNOHANG) == (0, 0)
+    finally:
+        first.close()
+    assert first.stats["queued"] == 0
+
+
+HOLDER = """
+import sys
+from depdrill.execute.injectors.nfqueue_latency import DelayQueue
+from depdrill.netns import Target
+queue = DelayQueue(Target(netns=sys.argv[1]), int(sys.argv[2]), 0.5, 0.0)
+print(queue.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_the_release_process_dies_with_the_process_that_applied_it(
+    fault_world: FaultWorld,
+) -> None:
+    # Given a process holding a delay queue (as a runner does), with its release process
+    world = fault_world
+    queue = QUEUE_BASE + QUEUE_SPAN - 2
+    holder = subprocess.Popen(
+        [sys.executable, "-P", "-c", HOLDER, world.service.netns or "", str(queue)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        release_pid = int(holder.stdout.readline())
+        assert _bound_queues(world) == [queue]
+        # When that process is SIGKILLed
+        holder.kill()
+        holder.wait()
+        # Then its release process ends within a second, and the queue is unbound
+        give_up = time.monotonic() + 1.0
+        while _running(release_pid) and time.monotonic() < give_up:
+            time.sleep(0.01)
+        assert not _running(release_pid)
+        assert _bound_queues(world) == []
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdin.close()
+        holder.stdout.close()
+
+
+def _running(pid: int) -> bool:
+    """True until the process has exited (a zombie waiting for init to reap it has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in {"Z", "X"}
+
+
+def _bound_queues(world: FaultWorld) -> list[int]:
+    listing = subprocess.run(
+        [*world.service.exec_prefix(), "cat", "/proc/net/netfilter/nfnetlink_queue"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [int(line.split()[0]) for line in listing.splitlines() if line.strip()]
