@@ -34,7 +34,7 @@ from pathlib import Path
 
 from depdrill.execute.injectors.nfqueue_latency import QUEUE_BASE, QUEUE_SPAN
 from depdrill.netns import Target, entered
-from depdrill.testing import RUN, ScratchNet, free_subnet, sh
+from depdrill.testing import RUN, ScratchNet, scratch_bridge, sh
 
 HOLDER = Path(__file__).resolve().parent.parent / "tests" / "execute" / "fault_holder.py"
 PORTS = (7001, 7002)
@@ -44,32 +44,28 @@ LIMIT_S = 2.0
 @contextmanager
 def world() -> Iterator[tuple[ScratchNet, str, str]]:
     """A service and a dependency that accepts on both ports; torn down afterwards."""
-    net = ScratchNet(index=902, bridge=f"ddt{RUN}bk", subnet=free_subnet())
     stop = threading.Event()
     listeners: list[socket.socket] = []
     server: threading.Thread | None = None
-    try:
-        sh("ip", "link", "add", net.bridge, "type", "bridge")
-        sh("ip", "addr", "add", f"{net.host_address}/24", "dev", net.bridge)
-        sh("ip", "link", "set", net.bridge, "up")
-        service, dependency = net.add("s", 2), net.add("d", 3)
-        with entered(Target(netns=dependency)):
-            for port in PORTS:
-                listener = socket.socket()
-                listeners.append(listener)
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                listener.bind((net.address(3), port))
-                listener.listen(128)
-        server = threading.Thread(target=accept_all, args=(listeners, stop), daemon=True)
-        server.start()
-        yield net, service, net.address(3)
-    finally:
-        stop.set()
-        if server is not None:
-            server.join()
-        for listener in listeners:
-            listener.close()
-        net.teardown()
+    with scratch_bridge(902, f"ddt{RUN}bk") as net:
+        try:
+            service, dependency = net.add("s", 2), net.add("d", 3)
+            with entered(Target(netns=dependency)):
+                for port in PORTS:
+                    listener = socket.socket()
+                    listeners.append(listener)
+                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    listener.bind((net.address(3), port))
+                    listener.listen(128)
+            server = threading.Thread(target=accept_all, args=(listeners, stop), daemon=True)
+            server.start()
+            yield net, service, net.address(3)
+        finally:
+            stop.set()
+            if server is not None:
+                server.join()
+            for listener in listeners:
+                listener.close()
 
 
 def accept_all(listeners: list[socket.socket], stop: threading.Event) -> None:

@@ -54,7 +54,7 @@ from depdrill.execute.injectors.base import FaultContext
 from depdrill.execute.injectors.nfqueue_latency import NfqueueLatency
 from depdrill.generate.model import LatencyFault
 from depdrill.netns import Target
-from depdrill.testing import RUN, ScratchNet, free_subnet, sh
+from depdrill.testing import RUN, ScratchNet, scratch_bridge
 
 PORT = 7021
 HEADER = struct.Struct("!QQ")  # sequence number, send time (ns, CLOCK_MONOTONIC)
@@ -151,18 +151,6 @@ class Point:
     @property
     def lost(self) -> int:
         return self.sent - len(self.rtts) + self.errors
-
-
-@contextmanager
-def bridge() -> Iterator[ScratchNet]:
-    net = ScratchNet(index=900, bridge=f"ddt{RUN}bl", subnet=free_subnet())
-    try:
-        sh("ip", "link", "add", net.bridge, "type", "bridge")
-        sh("ip", "addr", "add", f"{net.host_address}/24", "dev", net.bridge)
-        sh("ip", "link", "set", net.bridge, "up")
-        yield net
-    finally:
-        net.teardown()
 
 
 @contextmanager
@@ -294,7 +282,7 @@ def run(
     if instruments == "fifo" and not fifo_permitted():
         instruments = "other (SCHED_FIFO not permitted)"
     met = True
-    with bridge() as net, busy_loops(load, busy_thread):
+    with scratch_bridge(900, f"ddt{RUN}bl") as net, busy_loops(load, busy_thread):
         bench = Bench(net, instruments)
         server = subprocess.Popen(
             bench.instrument(bench.dependency, "--role", "echo", "--to", bench.address),

@@ -25,8 +25,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -36,7 +34,7 @@ from depdrill.execute.injectors.base import FaultContext
 from depdrill.execute.injectors.nfqueue_latency import NfqueueLatency
 from depdrill.generate.model import LatencyFault
 from depdrill.netns import Target
-from depdrill.testing import RUN, ScratchNet, free_subnet, sh
+from depdrill.testing import RUN, scratch_bridge, sh
 
 PORT = 7031
 CHUNK = 1 << 20
@@ -94,18 +92,6 @@ class Transfer:
     @property
     def allowed_mbit(self) -> float:
         return self.window_bytes * 8 / (self.rtt_ms / 1000) / 1e6
-
-
-@contextmanager
-def bridge() -> Iterator[ScratchNet]:
-    net = ScratchNet(index=901, bridge=f"ddt{RUN}bt", subnet=free_subnet())
-    try:
-        sh("ip", "link", "add", net.bridge, "type", "bridge")
-        sh("ip", "addr", "add", f"{net.host_address}/24", "dev", net.bridge)
-        sh("ip", "link", "set", net.bridge, "up")
-        yield net
-    finally:
-        net.teardown()
 
 
 def me(*args: str) -> list[str]:
@@ -183,7 +169,7 @@ def transfer(service: str, dependency: str, address: str, seconds: float) -> Tra
 
 
 def bench(seconds: float, delay_ms: int) -> bool:
-    with bridge() as net:
+    with scratch_bridge(901, f"ddt{RUN}bt") as net:
         service, dependency = net.add("s", 2), net.add("d", 3)
         address = net.address(3)
         sh("ip", "netns", "exec", service, "ping", "-c", "1", "-W", "1", address)

@@ -11,6 +11,7 @@ import itertools
 import os
 import secrets
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 RUN = secrets.token_hex(2)  # 4 hex chars: names stay under IFNAMSIZ (15)
@@ -69,6 +70,19 @@ class ScratchNet:
         for link in self.links:
             sh("ip", "link", "del", link, check=False)
         sh("ip", "link", "del", self.bridge, check=False)
+
+
+@contextlib.contextmanager
+def scratch_bridge(index: int, bridge: str) -> Iterator[ScratchNet]:
+    """A fresh bridge on a free 198.19.x.0/24, with everything added to it removed after."""
+    net = ScratchNet(index=index, bridge=bridge, subnet=free_subnet())
+    try:
+        sh("ip", "link", "add", net.bridge, "type", "bridge")
+        sh("ip", "addr", "add", f"{net.host_address}/24", "dev", net.bridge)
+        sh("ip", "link", "set", net.bridge, "up")
+        yield net
+    finally:
+        net.teardown()
 
 
 def free_subnet() -> int:

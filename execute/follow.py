@@ -43,6 +43,11 @@ def addresses_for(wire: bytes, name: dns.name.Name) -> set[str]:
         return set()
     if not message.flags & dns.flags.QR:
         return set()
+    return addresses_in(message, name)
+
+
+def addresses_in(message: dns.message.Message, name: dns.name.Name) -> set[str]:
+    """A and AAAA addresses a parsed response gives for `name`, following CNAMEs."""
     names = {name}
     found: set[str] = set()
     # CNAMEs may come in any order: repeat until the chain stops growing.

@@ -22,7 +22,7 @@ import dns.name
 import dns.query
 import dns.rdatatype
 
-from depdrill.execute.follow import addresses_for
+from depdrill.execute.follow import addresses_in
 from depdrill.netns import Target, entered
 
 ATTEMPTS = 3  # queries per name and type: a rotating answer shows more of its set
@@ -116,17 +116,17 @@ class Voucher:
             for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
                 for attempt in range(self.attempts):
                     server = servers[attempt % len(servers)]
-                    wire = self._ask(qname, rdtype, server)
-                    if wire is not None:
+                    reply = self._ask(qname, rdtype, server)
+                    if reply is not None:
                         answered = True
-                        found |= addresses_for(wire, qname)
+                        found |= addresses_in(reply, qname)
         if not answered:
             raise VouchError(f"no answer from {', '.join(servers)} within {self.timeout_s:g} s")
         return found
 
     def _ask(
         self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, server: str
-    ) -> bytes | None:
+    ) -> dns.message.Message | None:
         query = dns.message.make_query(qname, rdtype)
         try:
             reply = dns.query.udp(query, server, timeout=self.timeout_s)
@@ -134,4 +134,4 @@ class Voucher:
                 reply = dns.query.tcp(query, server, timeout=self.timeout_s)
         except (dns.exception.DNSException, OSError):  # TimeoutError is an OSError
             return None
-        return reply.to_wire()
+        return reply

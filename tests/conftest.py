@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from depdrill.testing import RUN, ScratchNet, free_subnet, sh
+from depdrill.testing import RUN, ScratchNet, scratch_bridge, sh
 
 __all__ = ["RUN", "ScratchNet", "sh"]
 _fixtures = itertools.count(1)
@@ -20,11 +20,5 @@ def scratch_net() -> Iterator[ScratchNet]:
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces")
     index = next(_fixtures)
-    net = ScratchNet(index=index, bridge=f"ddt{RUN}b{index}", subnet=free_subnet())
-    try:
-        sh("ip", "link", "add", net.bridge, "type", "bridge")
-        sh("ip", "addr", "add", f"{net.host_address}/24", "dev", net.bridge)
-        sh("ip", "link", "set", net.bridge, "up")
+    with scratch_bridge(index, f"ddt{RUN}b{index}") as net:
         yield net
-    finally:
-        net.teardown()
