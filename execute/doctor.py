@@ -152,47 +152,30 @@ def _egress_hook(target: Target) -> str:
     return "netdev egress chains work: blackholes drop silently"
 
 
-def _iptables_nfqueue(target: Target) -> str:
-    from depdrill.execute.injectors import iptables
+def _nfqueue_rule(target: Target) -> str:
+    from depdrill.execute.injectors.nfqueue_latency import GATE_MARK
+    from depdrill.execute.injectors.nftnl import NetlinkError, NftSocket, QueueRule
 
-    rule = iptables.Rule(
-        binary="iptables-legacy",
-        chain="INPUT",
-        spec=(
-            "-s",
-            "198.19.255.254",
-            "-m",
-            "mark",
-            "--mark",
-            "0xdd00000/0xdd00000",
-            "-m",
-            "comment",
-            "--comment",
-            "depdrill:doctor:0",
-            "-j",
-            "NFQUEUE",
-            "--queue-num",
-            str(PROBE_QUEUE),
-            "--queue-bypass",
-        ),
-    )
+    with entered(target):
+        sock = NftSocket()
     try:
-        iptables.install(target, [rule])
-        iptables.remove(target, [rule])
-    except iptables.IptablesError as exc:
-        raise _Missing(str(exc)) from None
-    return "iptables-legacy -m mark -j NFQUEUE --queue-bypass accepted in mangle INPUT"
+        sock.add(QueueRule("ip", "depdrill_doctor_queue", "input", 0, GATE_MARK, PROBE_QUEUE))
+    except NetlinkError as exc:
+        raise _Missing(
+            f"the NFQUEUE target through nft_compat was refused ({exc}): the kernel needs "
+            "CONFIG_NFT_COMPAT and xt_NFQUEUE"
+        ) from None
+    finally:
+        sock.close()
+    return "an owner-flagged nf_tables rule with nft_compat's NFQUEUE target, bypass flag"
 
 
-def _netfilterqueue(target: Target) -> str:
+def _nfqueue_release(target: Target) -> str:
     from depdrill.execute.injectors.nfqueue_latency import DelayQueue
 
-    try:
-        import netfilterqueue
-    except ImportError as exc:
-        raise _Missing(f"not importable ({exc}): pip install NetfilterQueue") from None
-    DelayQueue(target, PROBE_QUEUE, 0.001, 0.0).close()
-    return f"NetfilterQueue {netfilterqueue.__version__}: a queue bound inside a namespace"
+    queue = DelayQueue(target, PROBE_QUEUE, 0.001, 0.0)
+    queue.close()
+    return f"a release process ({queue.policy}) took a queue bound inside a namespace"
 
 
 def _netem() -> str:
@@ -228,6 +211,6 @@ _NAMESPACE_CHECKS: list[tuple[str, Callable[[Target], str], bool]] = [
     ("nftables (libnftables)", _libnftables, False),
     ("owner-flagged nft tables", _owner_tables, False),
     ("netdev egress hook", _egress_hook, False),
-    ("iptables-legacy NFQUEUE", _iptables_nfqueue, False),
-    ("NetfilterQueue", _netfilterqueue, False),
+    ("NFQUEUE queue rule (nft_compat)", _nfqueue_rule, False),
+    ("NFQUEUE release process", _nfqueue_release, False),
 ]

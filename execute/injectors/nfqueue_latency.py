@@ -1,42 +1,51 @@
 """Latency through NFQUEUE, for kernels without sch_netem: packets wait in user space.
 
-An iptables-legacy rule in the target namespace queues the dependency's packets (nft's own
-`queue` expression is often compiled out, as here); a release process (nfqueue_release),
-reading a netlink socket born inside the namespace, holds each packet and gives its verdict
-once the delay (plus jitter) has passed, in arrival order.
+Two owner-flagged tables per fault, both made in-process over netlink (0.1-1 ms each):
+- the gate (libnftables, family inet) marks the dependency's packets: its sets hold the
+  addresses, with a timeout at the fault's deadline;
+- the queue tables (ip and ip6, raw netlink: `nftnl`) send marked packets to an NFQUEUE.
+  nft's own `queue` expression is often compiled out (as here), so the rule runs the
+  xtables NFQUEUE target through nft_compat, with the bypass flag.
+A release process (nfqueue_release), reading a netlink socket born inside the namespace,
+holds each packet and gives its verdict once the delay (plus jitter) has passed, in
+arrival order. It is started ahead of need (`preflight`), so applying a fault does not
+wait for an interpreter to start.
 
-The receive path (packets from the dependency, mangle INPUT) is delayed by default: that
-adds the same round-trip time as delaying what the service sends, but keeps TCP throughput
-what that RTT allows. Holding the service's own outgoing packets in a queue keeps them
-charged to the socket, and TCP small queues then starve the flow (measured here: 14 Gbit/s
-fell to 0.3 Mbit/s at 100 ms on OUTPUT, against 237 Mbit/s on INPUT).
+The receive path (packets from the dependency, the input hook) is delayed by default:
+that adds the same round-trip time as delaying what the service sends, but keeps TCP
+throughput what that RTT allows. Holding the service's own outgoing packets in a queue
+keeps them charged to the socket, and TCP small queues then starve the flow (measured
+here: 14 Gbit/s fell to 0.3 Mbit/s at 100 ms on output, against 237 Mbit/s on input).
 
-`--queue-bypass` means a dead reader costs nothing: with no socket bound to the queue the
-kernel accepts the packets (measured: traffic flows again within 2 ms of a SIGKILL). The
-release process ends when this process does (its stdin is a pipe from here). And the
-queue rule only takes packets an owner-flagged nft table of this process has marked
-(the gate), so if this process dies the rule matches nothing the moment the kernel drops
-the table, and at the deadline the gate's set elements time out: the fault ends in the
-kernel even if no depdrill process is left to end it. The watchdog removes the rule.
+Nothing outlives this process: the kernel removes owner tables when their socket closes
+(SIGKILL included); with no reader bound the bypass flag accepts the packets; the release
+process ends with its stdin, a socket from this process. At the deadline the gate's set
+elements time out, so the fault ends in the kernel even if this process hangs.
+
+Reverting stops the gate first (its rules are flushed), then releases what the queue
+holds, and only then deletes the tables: the kernel drops every packet waiting in any
+queue of the namespace when a netfilter hook is unregistered (nf_queue_nf_hook_drop),
+and deleting a base chain unregisters one.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import json
 import mmap
 import os
 import select
-import shlex
+import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from depdrill.errors import DepdrillError
-from depdrill.execute.injectors import iptables
 from depdrill.execute.injectors.base import (
     FaultContext,
     InjectorError,
@@ -46,6 +55,7 @@ from depdrill.execute.injectors.base import (
 )
 from depdrill.execute.injectors.libnftables import NftContext, NftError, library
 from depdrill.execute.injectors.nfqueue_release import COUNTER, open_queue
+from depdrill.execute.injectors.nftnl import FAMILIES, NetlinkError, NftSocket, QueueRule
 from depdrill.execute.injectors.scope import (
     DNS_PORT,
     Scope,
@@ -67,21 +77,16 @@ RELEASE_MODULE = "depdrill.execute.injectors.nfqueue_release"
 START_TIMEOUT_S = 5.0
 CLOSE_TIMEOUT_S = 2.0
 HANDLES = (LatencyFault,)
-# The gate: an owner-flagged nft table marks the dependency's packets with these bits before
-# iptables sees them (nft priority -200 runs before iptables mangle at -150), and the queue
-# rule matches only marked packets. If this process dies the kernel removes the table and
-# the rule matches nothing at once; at the deadline the set elements time out, likewise.
+# The gate marks the dependency's packets with these bits at priority -200; the queue
+# tables, later on the same hook, send marked packets to the queue and nothing else.
 GATE_MARK = 0x0DD00000
 GATE_PRIORITY = -200
 GATE_FAMILY = "inet"
+QUEUE_PRIORITY = 0
 
 
 def queue_number(serial: int) -> int:
     return QUEUE_BASE + (os.getpid() * 7 + serial) % QUEUE_SPAN
-
-
-def tag(run_id: str, serial: int) -> str:
-    return f"{iptables.TAG_PREFIX}{run_id}:{serial}"
 
 
 def gate_ruleset(table: str, scope: Scope, direction: str, timeout_ms: int) -> str:
@@ -116,34 +121,116 @@ def gate_ruleset(table: str, scope: Scope, direction: str, timeout_ms: int) -> s
     return "\n".join(lines) + "\n"
 
 
-def build_rules(scope: Scope, direction: str, queue: int, comment: str) -> list[iptables.Rule]:
-    """One rule per address and protocol: exact specs to insert and, later, to delete."""
-    receive = direction == "receive"
-    chain = "INPUT" if receive else "OUTPUT"
-    peer = "-s" if receive else "-d"
-    port_flag = "--sport" if receive else "--dport"
-    rules = []
-    for address in scope.addresses:
-        binary = iptables.BINARIES[6 if ":" in address else 4]
-        for protocol in scope.protocols:
-            spec = [peer, address, "-p", protocol]
-            if scope.ports:
-                ports = ",".join(str(p) for p in scope.ports)
-                spec += ["-m", "multiport", f"{port_flag}s", ports]
-            else:
-                spec += ["!", port_flag, str(DNS_PORT)]
-            spec += ["-m", "mark", "--mark", f"0x{GATE_MARK:x}/0x{GATE_MARK:x}"]
-            spec += ["-m", "comment", "--comment", comment]
-            spec += ["-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass"]
-            rules.append(iptables.Rule(binary=binary, chain=chain, spec=tuple(spec)))
-    return rules
+def queue_rules(table: str, direction: str, queue: int) -> list[QueueRule]:
+    """The queue tables, one per IP family, on the gate's hook and after it."""
+    hook = "input" if direction == "receive" else "output"
+    return [
+        QueueRule(family, f"{table}_q", hook, QUEUE_PRIORITY, GATE_MARK, queue)
+        for family in FAMILIES
+    ]
+
+
+class _Releaser:
+    """A release process on standby: started, scheduled, waiting for a queue on its stdin."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-P", "-m", RELEASE_MODULE],
+                stdin=theirs.fileno(),
+                stdout=subprocess.PIPE,
+            )
+        except OSError as exc:
+            ours.close()
+            raise InjectorError(
+                ErrorReason.APPLY_FAILED, f"cannot start the NFQUEUE release process: {exc}"
+            ) from None
+        finally:
+            theirs.close()
+        self.control = ours
+        self._pending = b""
+        words = self.read_line(START_TIMEOUT_S).split()
+        if len(words) != 2 or words[0] != "standby":
+            self.end(kill=True)
+            raise InjectorError(
+                ErrorReason.APPLY_FAILED, "the NFQUEUE release process did not start"
+            )
+        self.policy = words[1]
+
+    def read_line(self, timeout_s: float) -> str:
+        """Its next line, or "" if none came within `timeout_s` (or it has exited)."""
+        stdout = self.process.stdout
+        assert stdout is not None
+        give_up = time.monotonic() + timeout_s
+        # Unbuffered reads: two lines written at once must not hide the second in a buffer
+        # that select() cannot see.
+        while b"\n" not in self._pending:
+            ready, _, _ = select.select([stdout], [], [], max(0.0, give_up - time.monotonic()))
+            chunk = os.read(stdout.fileno(), 4096) if ready else b""
+            if not chunk:
+                return ""
+            self._pending += chunk
+        line, self._pending = self._pending.split(b"\n", 1)
+        return line.decode(errors="replace")
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def end(self, kill: bool = False) -> None:
+        """Close its lifeline (it releases what it holds and exits); reap it in the background."""
+        if kill:
+            self.process.kill()
+        self.control.close()
+        threading.Thread(target=self._reap, name="nfqueue-reap", daemon=True).start()
+
+    def _reap(self) -> None:
+        self.process.wait()
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+
+
+class _Standby:
+    """At most one release process started ahead of need, for the next apply to take."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spare: _Releaser | None = None
+
+    def warm(self) -> None:
+        with self._lock:
+            if self._spare is not None and self._spare.alive:
+                return
+            self._spare = _Releaser()
+
+    def take(self) -> _Releaser:
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None and spare.alive:
+            return spare
+        if spare is not None:
+            spare.end()
+        return _Releaser()
+
+    def discard(self) -> None:
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.end()
+            spare.process.wait()
+
+
+STANDBY = _Standby()
+atexit.register(STANDBY.discard)
 
 
 class DelayQueue:
     """Holds every packet of one NFQUEUE queue for `delay_s` (+ jitter), then accepts it.
 
     The holding happens in a release process of its own (nfqueue_release says why); this
-    object binds the queue inside the target namespace, starts that process, and ends it.
+    object binds the queue inside the target namespace, hands it to a release process on
+    standby, and ends it.
     """
 
     def __init__(self, target: Target, queue: int, delay_s: float, jitter_s: float) -> None:
@@ -151,11 +238,13 @@ class DelayQueue:
         self.delay_s = delay_s
         self.jitter_s = jitter_s
         self.stats: dict[str, Any] = {}
+        releaser = STANDBY.take()
         try:
             # The netlink socket belongs to the namespace of the thread that opens it.
             with entered(target):
                 sock = open_queue(queue, MAX_HELD)
         except OSError as exc:
+            releaser.end()
             why = str(exc)
             if exc.errno == errno.EPERM:
                 why = "bound by another process (or this one lacks CAP_NET_ADMIN)"
@@ -166,46 +255,23 @@ class DelayQueue:
         try:
             os.ftruncate(counter_fd, COUNTER.size)
             self._counter = mmap.mmap(counter_fd, COUNTER.size)
-            # The release process gets the only copy of the socket: when it ends, however it
-            # ends, the queue is unbound. Its stdin is its lifeline to this process.
-            self._process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-P",
-                    "-m",
-                    RELEASE_MODULE,
-                    str(sock.fileno()),
-                    str(counter_fd),
-                    str(queue),
-                    repr(delay_s),
-                    repr(jitter_s),
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                pass_fds=(sock.fileno(), counter_fd),
-                text=True,
-            )
+            # The release process gets the only copy of the socket: when it ends, however
+            # it ends, the queue is unbound.
+            arming = f"{queue} {delay_s!r} {jitter_s!r}".encode()
+            socket.send_fds(releaser.control, [arming], [sock.fileno(), counter_fd])
         except OSError as exc:
+            releaser.end(kill=True)
             raise InjectorError(
-                ErrorReason.APPLY_FAILED, f"cannot start the NFQUEUE release process: {exc}"
+                ErrorReason.APPLY_FAILED, f"cannot hand NFQUEUE {queue} to its releaser: {exc}"
             ) from None
         finally:
             sock.close()
             os.close(counter_fd)
-        self.policy = self._await_ready()
-
-    def _await_ready(self) -> str:
-        stdout = self._process.stdout
-        assert stdout is not None
-        ready, _, _ = select.select([stdout], [], [], START_TIMEOUT_S)
-        words = stdout.readline().split() if ready else []
-        if len(words) != 2 or words[0] != "ready":
-            self._end(kill=True)
-            raise InjectorError(
-                ErrorReason.APPLY_FAILED,
-                f"the NFQUEUE release process for queue {self.queue} did not start",
-            )
-        return words[1]
+        # Its "ready" line is read at the end, not waited for: the queue is bound already,
+        # and what arrives before the process reads it waits in the socket, stamped.
+        self._releaser = releaser
+        self._released = False
+        self.policy = releaser.policy
 
     @property
     def queued(self) -> int:
@@ -217,48 +283,47 @@ class DelayQueue:
 
     @property
     def pid(self) -> int:
-        return self._process.pid
+        return int(self._releaser.process.pid)
 
     def close(self) -> None:
         """Release every held packet at once and unbind (the kernel then bypasses)."""
         if not self._counter.closed:
             self._end(kill=False)
 
-    def _end(self, kill: bool) -> None:
-        process = self._process
-        assert process.stdin is not None and process.stdout is not None
-        if kill:
-            process.kill()
-        # End of file on its stdin: it accepts what it holds, closes the queue's socket,
-        # and then prints its statistics. Its interpreter's exit (15-20 ms here) is not
-        # waited for; a thread reaps it.
-        with contextlib.suppress(BrokenPipeError):
-            process.stdin.close()
-        ready, _, _ = select.select([process.stdout], [], [], CLOSE_TIMEOUT_S)
-        summary = process.stdout.readline() if ready else ""
+    def release(self) -> None:
+        """Accept every held packet now and stop holding; the queue stays bound until close."""
+        if self._counter.closed or self._released:
+            return
+        self._released = True
+        # Told "end", it accepts what it holds and prints its statistics.
+        with contextlib.suppress(OSError):
+            self._releaser.control.sendall(b"end\n")
+        took = self._releaser.read_line(CLOSE_TIMEOUT_S).startswith("ready ")
+        summary = self._releaser.read_line(CLOSE_TIMEOUT_S) if took else ""
         with contextlib.suppress(ValueError):
             self.stats = json.loads(summary)
         if not summary:
-            process.kill()
+            self._releaser.process.kill()
+
+    def _end(self, kill: bool) -> None:
+        if kill:
+            self._releaser.process.kill()
+        self.release()
+        # End of file: it unbinds the queue and exits, in its own time; a thread reaps it.
+        self._releaser.end()
         self.stats.setdefault("queued", self.queued)
         self._counter.close()
-        threading.Thread(target=self._reap, name="nfqueue-reap", daemon=True).start()
-
-    def _reap(self) -> None:
-        self._process.wait()
-        assert self._process.stdout is not None
-        self._process.stdout.close()
 
 
 @dataclass
 class NfqueueLatencyHandle:
     rules: list[str]
     target: Target
-    installed: list[iptables.Rule]
-    comment: str
     delay: DelayQueue
     gate: NftContext
     table: str
+    queue: NftSocket
+    queue_tables: list[QueueRule]
     reverted: bool = field(default=False)
 
     def matched(self) -> int | None:
@@ -270,11 +335,8 @@ class NfqueueLatency:
     name: ClassVar[str] = "nfqueue-latency"
 
     def available(self) -> str | None:
-        # The release process speaks nfnetlink_queue itself: no libnetfilter_queue binding.
-        from shutil import which
-
-        if which("iptables-legacy-restore") is None:
-            return "iptables-legacy is not installed (apt install iptables)"
+        # The release process speaks nfnetlink_queue itself, and the queue rule is sent as
+        # raw nf_tables netlink: libnftables (for the gate) is all this needs in user space.
         try:
             library()
         except DepdrillError as exc:
@@ -282,7 +344,12 @@ class NfqueueLatency:
         return None
 
     def preflight(self, fault: Fault, ctx: FaultContext) -> Refusal | None:
-        return refusal(fault, ctx, HANDLES, self.available())
+        """The scope's checks; then a release process is started for the apply to come."""
+        refused = refusal(fault, ctx, HANDLES, self.available())
+        if refused is None:
+            with contextlib.suppress(InjectorError):  # apply starts one and says why
+                STANDBY.warm()
+        return refused
 
     def plan(self, fault: Fault, ctx: FaultContext) -> Plan:
         check(fault, ctx, HANDLES)
@@ -291,23 +358,15 @@ class NfqueueLatency:
         scope = scope_of(fault)
         table = f"depdrill_{ctx.run_id}_{serial}"
         gate = gate_ruleset(table, scope, fault.direction, milliseconds_until(ctx.deadline))
-        rules = build_rules(scope, fault.direction, queue_number(serial), tag(ctx.run_id, serial))
+        queues = queue_rules(table, fault.direction, queue_number(serial))
         return Plan(
             injector=self.name,
             fault=fault,
             ctx=ctx,
-            rules=[gate, *(r.command() for r in rules)],
+            rules=[gate, *(q.text() for q in queues)],
             objects=[
                 KernelObject(kind="nft-table", name=table, where=GATE_FAMILY),
-                *(
-                    KernelObject(
-                        kind="iptables-rule",
-                        name=tag(ctx.run_id, serial),
-                        where=r.where,
-                        spec=shlex.join(r.spec),
-                    )
-                    for r in rules
-                ),
+                *(KernelObject(kind="nft-table", name=q.table, where=q.family) for q in queues),
             ],
         )
 
@@ -317,34 +376,37 @@ class NfqueueLatency:
     def apply_plan(self, plan: Plan) -> NfqueueLatencyHandle:
         fault = plan.fault
         assert isinstance(fault, LatencyFault)
-        table = next(o for o in plan.objects if o.kind == "nft-table")
-        tagged = [o for o in plan.objects if o.kind == "iptables-rule"]
-        installed = [
-            iptables.Rule(
-                binary=o.where.split()[0], chain=o.where.split()[2], spec=tuple(shlex.split(o.spec))
-            )
-            for o in tagged
-        ]
-        queue = int(installed[0].spec[installed[0].spec.index("--queue-num") + 1])
-        # The reader is bound before the rule exists: no packet ever waits for nobody.
-        delay = DelayQueue(plan.ctx.target, queue, fault.delay_ms / 1000, fault.jitter_ms / 1000)
-        with entered(plan.ctx.target):
-            gate = NftContext()
+        table = plan.objects[0].name
+        queues = queue_rules(table, fault.direction, _queue_of(plan))
+        # The reader is bound before any rule can send it a packet.
+        delay = DelayQueue(plan.ctx.target, queues[0].queue, fault.delay_ms / 1000,
+                           fault.jitter_ms / 1000)  # fmt: skip
         try:
-            gate.run(plan.rules[0])
-            iptables.install(plan.ctx.target, installed)
-        except (NftError, iptables.IptablesError) as exc:
-            gate.close()
+            with entered(plan.ctx.target):
+                gate = NftContext()
+                queue = NftSocket()
+        except (DepdrillError, OSError) as exc:
             delay.close()
-            raise InjectorError(ErrorReason.APPLY_FAILED, str(exc)) from None
+            raise InjectorError(ErrorReason.APPLY_FAILED, f"cannot open netlink: {exc}") from None
+        try:
+            # Queue tables first: they take only marked packets, and nothing is marked yet.
+            queue.add(*queues)
+            gate.run(plan.rules[0])
+        except (NftError, NetlinkError) as exc:
+            _close_quietly(gate, queue)
+            delay.close()
+            why = str(exc)
+            if isinstance(exc, NetlinkError) and exc.errno in (errno.ENOENT, errno.EOPNOTSUPP):
+                why += " (the kernel needs nft_compat and xt_NFQUEUE for the queue rule)"
+            raise InjectorError(ErrorReason.APPLY_FAILED, why) from None
         return NfqueueLatencyHandle(
             rules=list(plan.rules),
             target=plan.ctx.target,
-            installed=installed,
-            comment=tagged[0].name,
             delay=delay,
             gate=gate,
-            table=table.name,
+            table=table,
+            queue=queue,
+            queue_tables=queues,
         )
 
     def apply(self, fault: Fault, ctx: FaultContext) -> NfqueueLatencyHandle:
@@ -355,30 +417,46 @@ class NfqueueLatency:
             raise TypeError(f"not an nfqueue-latency handle: {handle!r}")
         if handle.reverted:
             return
-        error: str | None = None
         try:
-            iptables.remove(handle.target, handle.installed)
-        except iptables.IptablesError as exc:
-            # Perhaps the watchdog removed them at the deadline: only leftovers are a failure.
-            error = self._remove_leftovers(handle, str(exc))
+            # Nothing is marked any more, so nothing more is queued ...
+            handle.gate.run(f"flush chain {GATE_FAMILY} {handle.table} gate\n")
+        except NftError:
+            pass  # deleting the table below stops it too (a held packet may then be lost)
         finally:
-            with contextlib.suppress(NftError):
-                handle.gate.run(f"delete table {GATE_FAMILY} {handle.table}\n")
-            # The socket owns the table: closing it would remove the table anyway. Closing
-            # takes the kernel 7-15 ms here, which the revert need not wait for.
-            threading.Thread(target=handle.gate.close, name="nft-close", daemon=True).start()
+            # ... then what the queue holds is released, before any hook is unregistered
+            # (that would drop it) ...
+            handle.delay.release()
+            # ... and then the tables go, while the queue is still bound (see
+            # nfqueue_release), and then the queue. The sockets own the tables: closing
+            # one removes its tables anyway, but takes the kernel 7-15 ms, which the revert
+            # need not wait for once they are deleted; when a delete fails, it waits.
+            deleted = _delete_quietly(handle)
             handle.delay.close()
-        if error is not None:
-            raise InjectorError(ErrorReason.REVERT_FAILED, error)
+            closing = threading.Thread(
+                target=_close_quietly, args=(handle.gate, handle.queue), name="nft-close"
+            )
+            closing.start()
+            if not deleted:
+                closing.join()
         handle.reverted = True
 
-    @staticmethod
-    def _remove_leftovers(handle: NfqueueLatencyHandle, first_error: str) -> str | None:
-        try:
-            for binary in sorted({r.binary for r in handle.installed}):
-                iptables.remove_tagged(handle.target, binary, handle.comment)
-                if iptables.tagged(handle.target, binary, handle.comment):
-                    return f"rules tagged {handle.comment} remain ({first_error})"
-        except (iptables.IptablesError, OSError) as exc:
-            return f"{first_error}; then {exc}"
-        return None
+
+def _queue_of(plan: Plan) -> int:
+    """The queue number plan() chose, read back from the queue table's rule text."""
+    words = plan.rules[1].split()
+    return int(words[words.index("num") + 1])
+
+
+def _delete_quietly(handle: NfqueueLatencyHandle) -> bool:
+    try:
+        for rule in handle.queue_tables:
+            handle.queue.delete(rule.family, rule.table)
+        handle.gate.run(f"delete table {GATE_FAMILY} {handle.table}\n")
+    except (NftError, NetlinkError):
+        return False
+    return True
+
+
+def _close_quietly(gate: NftContext, queue: NftSocket) -> None:
+    gate.close()
+    queue.close()

@@ -81,6 +81,9 @@ class FaultWorld:
     def nft_tables(self) -> str:
         return _in(self.service, "nft", "list", "tables")
 
+    def nft_ruleset(self) -> str:
+        return _in(self.service, "nft", "list", "ruleset")
+
     def tagged_rules(self) -> list[str]:
         return [
             line

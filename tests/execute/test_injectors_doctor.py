@@ -14,7 +14,7 @@ def _namespaces() -> set[str]:
 
 
 def test_doctor_reports_this_machine_and_cleans_up() -> None:
-    # Given this machine (root, nftables, iptables-legacy, NetfilterQueue; no sch_netem)
+    # Given this machine (root, nftables with nft_compat; no sch_netem)
     before = _namespaces()
     # When the doctor runs
     checks = {c.name: c for c in doctor()}
@@ -22,6 +22,7 @@ def test_doctor_reports_this_machine_and_cleans_up() -> None:
     required = [c for c in checks.values() if not c.optional]
     assert [c.name for c in required if not c.ok] == []
     assert "vanished" in checks["owner-flagged nft tables"].detail
+    assert "bypass" in checks["NFQUEUE queue rule (nft_compat)"].detail
     # And sch_netem's answer agrees with the registry's and says why when missing
     netem = checks["sch_netem (tc netem latency)"]
     assert netem.optional

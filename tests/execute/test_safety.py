@@ -15,13 +15,14 @@ from fault_world import FaultWorld, fault_world_fixture  # noqa: F401
 
 from depdrill.artifact import utcnow
 from depdrill.execute.injectors import iptables
-from depdrill.execute.injectors.base import KernelObject, Plan
+from depdrill.execute.injectors.base import FaultContext, KernelObject, Plan
 from depdrill.execute.injectors.nfqueue_latency import NfqueueLatency
 from depdrill.execute.injectors.nft_blackhole import NftBlackhole
 from depdrill.execute.safety import FaultSession
 from depdrill.execute.safety import journal as journal_mod
 from depdrill.execute.safety.cleanup import cleanup
 from depdrill.generate.model import BlackholeFault, LatencyFault
+from depdrill.netns import Target
 
 HOLDER = Path(__file__).with_name("fault_holder.py")
 KILLS = 20
@@ -77,7 +78,7 @@ def test_session_reverts_everything_on_an_exception(
             LatencyFault(addresses=[world.dependency], ports=[7002], delay_ms=100),
             ctx,
         )
-        assert world.tagged_rules() and "depdrill_sx_" in world.nft_tables()
+        assert "depdrill_sx_" in world.nft_tables() and "queue num" in world.nft_ruleset()
         # When the runner fails mid-test
         raise RuntimeError("the runner broke")
     # Then nothing is left, the watchdog has stopped, and the journal is gone
@@ -100,7 +101,7 @@ def test_revert_closes_the_journal_entry(fault_world: FaultWorld, tmp_path: Path
     assert not (tmp_path / "rv.jsonl").exists()
 
 
-def test_watchdog_reverts_a_fault_past_its_deadline(
+def test_a_latency_fault_ends_at_its_deadline_while_the_runner_hangs(
     fault_world: FaultWorld, tmp_path: Path
 ) -> None:
     # Given a latency fault whose deadline is 0.5 s away, and a runner that hangs on
@@ -111,34 +112,82 @@ def test_watchdog_reverts_a_fault_past_its_deadline(
             LatencyFault(addresses=[world.dependency], delay_ms=100),
             world.ctx(run_id="dl", seconds=0.5),
         )
+        assert world.connect(world.dependency, 7001)[1] >= 100
+        # When the deadline passes
+        time.sleep(0.7)
+        # Then the kernel has ended it (the gate's set elements timed out), and the
+        # runner's revert still works
+        assert world.connect(world.dependency, 7001)[1] < 20
+        session.revert(handle)
+    assert "depdrill" not in world.nft_tables()
+
+
+def _accept_rule(world: FaultWorld, tag: str) -> iptables.Rule:
+    """A harmless iptables rule for the dependency, tagged as depdrill tags what it installs."""
+    spec = ("-s", world.dependency, "-m", "comment", "--comment", tag, "-j", "ACCEPT")
+    return iptables.Rule(binary="iptables-legacy", chain="INPUT", spec=spec)
+
+
+class _TaggedRule:
+    """An injector whose one kernel object is a tagged iptables rule: what the watchdog
+    removes by itself at a deadline, as it would a netem qdisc (this kernel has no netem)."""
+
+    name = "tagged-rule"
+
+    def __init__(self, target: Target, rule: iptables.Rule) -> None:
+        self.target = target
+        self.rule = rule
+        self.rules: list[str] = []
+
+    def plan(self, fault: LatencyFault, ctx: FaultContext) -> Plan:
+        tag = self.rule.spec[self.rule.spec.index("--comment") + 1]
+        objects = [
+            KernelObject(
+                kind="iptables-rule", name=tag, where=self.rule.where, spec=" ".join(self.rule.spec)
+            )
+        ]
+        return Plan(self.name, fault, ctx, [self.rule.command()], objects)
+
+    def apply_plan(self, plan: Plan) -> _TaggedRule:
+        iptables.install(self.target, [self.rule])
+        self.rules = plan.rules
+        return self
+
+    def matched(self) -> int | None:
+        return None
+
+    def revert(self, handle: object) -> None:
+        iptables.remove_tagged(self.target, self.rule.binary, "depdrill:wd:")
+
+
+def test_watchdog_removes_a_fault_past_its_deadline(
+    fault_world: FaultWorld, tmp_path: Path
+) -> None:
+    # Given a fault made of a tagged iptables rule, with its deadline 0.5 s away, journaled
+    # by a session whose runner then hangs on
+    world = fault_world
+    rule = _accept_rule(world, "depdrill:wd:1")
+    injector = _TaggedRule(world.service, rule)
+    with FaultSession("wd", world.service, tmp_path) as session:
+        handle = session.apply(
+            injector,  # type: ignore[arg-type]
+            LatencyFault(addresses=[world.dependency], delay_ms=10),
+            world.ctx(run_id="wd", seconds=0.5),
+        )
         assert world.tagged_rules()
         # When the deadline passes
         stop = time.monotonic() + 2
         while world.tagged_rules() and time.monotonic() < stop:
             time.sleep(0.05)
-        # Then the watchdog has removed the rules already, and the runner's revert still works
+        # Then the watchdog has removed the rule already, and the runner's revert still works
         assert world.tagged_rules() == []
-        assert world.connect(world.dependency, 7001)[1] < 20
-        session.revert(handle)
+        session.revert(handle)  # type: ignore[arg-type]
 
 
 def test_cleanup_removes_what_a_dead_run_left(fault_world: FaultWorld, tmp_path: Path) -> None:
     # Given a journal from a run that died (a pid that no longer runs) and its rule, left on
     world = fault_world
-    rule = iptables.Rule(
-        binary="iptables-legacy",
-        chain="INPUT",
-        spec=(
-            "-s",
-            world.dependency,
-            "-m",
-            "comment",
-            "--comment",
-            "depdrill:dead:1",
-            "-j",
-            "ACCEPT",
-        ),
-    )
+    rule = _accept_rule(world, "depdrill:dead:1")
     iptables.install(world.service, [rule])
     journal = journal_mod.Journal("dead", tmp_path)
     dead = subprocess.Popen(["true"])
