@@ -200,8 +200,11 @@ class _Standby:
 
     def warm(self) -> None:
         with self._lock:
-            if self._spare is not None and self._spare.alive:
-                return
+            if self._spare is not None:
+                if self._spare.alive:
+                    return
+                self._spare.end()
+            self._spare = None
             self._spare = _Releaser()
 
     def take(self) -> _Releaser:
@@ -212,6 +215,12 @@ class _Standby:
         if spare is not None:
             spare.end()
         return _Releaser()
+
+    @property
+    def spare_pid(self) -> int | None:
+        """The process waiting on standby, if one is."""
+        with self._lock:
+            return None if self._spare is None else int(self._spare.process.pid)
 
     def discard(self) -> None:
         with self._lock:

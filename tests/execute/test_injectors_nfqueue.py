@@ -18,6 +18,7 @@ from depdrill.execute.injectors.base import InjectorError
 from depdrill.execute.injectors.nfqueue_latency import (
     QUEUE_BASE,
     QUEUE_SPAN,
+    STANDBY,
     DelayQueue,
     NfqueueLatency,
 )
@@ -61,6 +62,27 @@ def test_added_rtt_is_the_delay_within_a_few_ms(fault_world: FaultWorld) -> None
     # And after revert the tables are gone and connections are fast again
     assert "depdrill" not in world.nft_tables()
     assert world.connect(world.dependency, 7001)[1] < 20
+
+
+def test_preflight_starts_the_release_process_that_apply_takes(fault_world: FaultWorld) -> None:
+    # Given a preflight that passed (the runner's, before the baseline)
+    world = fault_world
+    injector = NfqueueLatency()
+    fault = LatencyFault(addresses=[world.dependency], delay_ms=20)
+    assert injector.preflight(fault, world.ctx()) is None
+    waiting = STANDBY.spare_pid
+    assert waiting is not None
+    # When the fault is applied
+    handle = injector.apply(fault, world.ctx())
+    try:
+        # Then the process that waited on standby holds the queue, and none waits any more
+        assert handle.delay.pid == waiting and STANDBY.spare_pid is None
+        assert world.connect(world.dependency, 7001)[1] >= 20
+    finally:
+        injector.revert(handle)
+    # And a second preflight starts a fresh one
+    assert injector.preflight(fault, world.ctx()) is None
+    assert STANDBY.spare_pid not in {None, waiting}
 
 
 def test_send_direction_and_ports_shape_the_rules(fault_world: FaultWorld) -> None:
