@@ -22,7 +22,7 @@ from datetime import timedelta
 
 from depdrill.artifact import utcnow
 from depdrill.execute.injectors.base import FaultContext
-from depdrill.execute.injectors.nfqueue_latency import NfqueueLatency
+from depdrill.execute.injectors.nfqueue_latency import GATE_MARK, NfqueueLatency
 from depdrill.execute.injectors.nft_blackhole import NftBlackhole
 from depdrill.generate.model import BlackholeFault, LatencyFault
 from depdrill.netns import Target
@@ -94,6 +94,8 @@ def main() -> None:
         latency = NfqueueLatency()
         lat_fault = LatencyFault(addresses=[DEPENDENCY], delay_ms=100)
         nfq_preflight, nfq_apply, nfq_revert = [], [], []
+        lat_cli_apply: list[float] = []
+        lat_cli_revert: list[float] = []
         for _ in range(max(5, rounds // 3)):
             # As the runner does: preflight (before the baseline) starts the release process.
             nfq_preflight.append(timed(lambda: latency.preflight(lat_fault, ctx))[0])
@@ -102,6 +104,30 @@ def main() -> None:
             ms, handle = timed(lambda p=lat_plan: latency.apply_plan(p))  # type: ignore[misc]
             nfq_apply.append(ms)
             nfq_revert.append(timed(lambda h=handle: latency.revert(h))[0])  # type: ignore[misc]
+            # The CLI way to the same rules: the gate with `nft -f` and the queue rule with
+            # iptables (nft's own `queue` is compiled out here). No queue reader is bound:
+            # the CLI side only installs and removes rules, which favours it.
+            gate = lat_plan.rules[0].replace("\tflags owner;\n", "")
+            queue = lat_plan.rules[1].split("queue num ")[1].split()[0]
+            rule = ["INPUT", "-m", "mark", "--mark", f"0x{GATE_MARK:x}/0x{GATE_MARK:x}"]
+            rule += ["-j", "NFQUEUE", "--queue-num", queue, "--queue-bypass"]
+            gate_table = lat_plan.objects[0].name
+            lat_cli_apply.append(
+                timed(
+                    lambda g=gate, r=rule: (  # type: ignore[misc]
+                        sh(*prefix, "nft", "-f", "-", stdin=g),
+                        sh(*prefix, "iptables-legacy", "-t", "mangle", "-I", *r),
+                    )
+                )[0]
+            )
+            lat_cli_revert.append(
+                timed(
+                    lambda n=gate_table, r=rule: (  # type: ignore[misc]
+                        sh(*prefix, "iptables-legacy", "-t", "mangle", "-D", *r),
+                        sh(*prefix, "nft", "delete", "table", "inet", n),
+                    )
+                )[0]
+            )
     print(f"nft-blackhole apply, in-process libnftables : {median(nft_apply)}")
     print(f"nft-blackhole apply, nft -f CLI             : {median(cli_apply)}")
     print(f"nft-blackhole revert, in-process            : {median(nft_revert)}")
@@ -115,6 +141,14 @@ def main() -> None:
     print(f"nfqueue-latency preflight (starts the release process) : {median(nfq_preflight)}")
     print(f"nfqueue-latency apply (gate + queue tables + queue)     : {median(nfq_apply)}")
     print(f"nfqueue-latency revert                                  : {median(nfq_revert)}")
+    print(f"the same rules by CLI, apply (nft -f + iptables-legacy)  : {median(lat_cli_apply)}")
+    print(f"the same rules by CLI, revert                           : {median(lat_cli_revert)}")
+    for what, cli, ours in (
+        ("apply ", lat_cli_apply, nfq_apply),
+        ("revert", lat_cli_revert, nfq_revert),
+    ):
+        ratio = statistics.median(cli) / statistics.median(ours)
+        print(f"ratio CLI/in-process, latency {what}: {ratio:6.1f}x")
     ok = all(
         statistics.median(times) <= 2 for times in (nft_apply, nft_revert, nfq_apply, nfq_revert)
     )
