@@ -23,12 +23,16 @@ The method, so that the box's own noise falls on both sides alike:
 - "late p50/p99" is the release process's own account: how late its verdicts left against
   the release time, the part of the error that is the injector's scheduling. "steal" is
   the time the hypervisor took the VM's CPUs away during the point (no priority inside the
-  VM helps then: a SCHED_FIFO loop saw 1 ms+ wake-ups only while steal rose).
+  VM helps then: a SCHED_FIFO loop saw 1 ms+ wake-ups only while steal rose). A round,
+  baseline or injected alike, during which steal rose is measured again, up to
+  `--steal-retries` times (3; 0 keeps every round), and the table counts those re-runs:
+  the target is the injector's accuracy, and a stolen CPU is the host's doing. Steal is
+  counted in ticks (10 ms), so a short theft can still pass unseen.
 Target (issue 6): p50 error <= 0.2 ms, p99 <= 1 ms, no loss, held up to 10 000 packets/s.
 
     python -P bench/latency.py [--seconds 1] [--rounds 3] [--rates 100,1000,5000,10000]
                                [--delays 10,100,1000] [--instruments fifo|other] [--load 0]
-                               [--busy-thread]
+                               [--busy-thread] [--steal-retries 3]
 """
 
 from __future__ import annotations
@@ -145,7 +149,9 @@ class Point:
     late_p99_us: list[int] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     policies: set[str] = field(default_factory=set)
-    steal_ms: float = 0.0
+    steal_ms: float = 0.0  # in the rounds kept
+    discarded_steal_ms: float = 0.0  # in the rounds measured again
+    reruns: int = 0
     major_faults: int = 0
 
     @property
@@ -230,7 +236,16 @@ class Bench:
         result: dict[str, object] = json.loads(done.stdout)
         return result
 
-    def round(self, point: Point, seconds: float) -> None:
+    def round(self, point: Point, seconds: float, steal_retries: int) -> None:
+        """One round of the point; measured again (up to `steal_retries` times) while the
+        hypervisor took CPU during it, whichever arm it is."""
+        for retry in range(steal_retries + 1):
+            kept = self._measure_round(point, seconds, final=retry == steal_retries)
+            if kept:
+                return
+            point.reruns += 1
+
+    def _measure_round(self, point: Point, seconds: float, final: bool) -> bool:
         handle = None
         if point.delay:
             ctx = FaultContext(
@@ -244,10 +259,14 @@ class Bench:
         stolen = steal_ms()
         try:
             data = self.measure(point.rate, seconds)
-            point.steal_ms += steal_ms() - stolen
+            stolen = steal_ms() - stolen
         finally:
             if handle is not None:
                 self.injector.revert(handle)
+        if stolen and not final:
+            point.discarded_steal_ms += stolen
+            return False
+        point.steal_ms += stolen
         if handle is not None:
             stats = handle.delay.stats
             point.policies.add(str(stats.get("policy", "?")))
@@ -268,6 +287,7 @@ class Bench:
         point.sent += int(str(data["sent"]))
         point.errors += int(str(data["errors"]))
         point.seconds += int(str(data["sent"])) / float(str(data["rate"]))
+        return True
 
 
 def run(
@@ -278,6 +298,7 @@ def run(
     instruments: str,
     load: int,
     busy_thread: bool,
+    steal_retries: int,
 ) -> bool:
     if instruments == "fifo" and not fifo_permitted():
         instruments = "other (SCHED_FIFO not permitted)"
@@ -296,12 +317,14 @@ def run(
             bench.measure(100, 0.2)  # ARP and caches settle first
             print(
                 f"instruments: {instruments}; busy loops: {load}; busy thread in the injecting "
-                f"process: {'yes' if busy_thread else 'no'}; interleaved rounds per point: {rounds}"
+                f"process: {'yes' if busy_thread else 'no'}; interleaved rounds per point: "
+                f"{rounds}; a round the hypervisor stole CPU from is measured again up to "
+                f"{steal_retries}x"
             )
             print(
                 f"{'rate/s':>7} {'delay':>6} {'samples':>7} {'sent/s':>7} {'base p50':>9} "
                 f"{'base p99':>9} {'p50 ms':>10} {'p99 ms':>10} {'p50 err':>8} {'p99 err':>8} "
-                f"{'late p50/p99':>12} {'cpu':>4} {'mf':>3} {'steal':>5} {'lost':>5}  "
+                f"{'late p50/p99':>12} {'cpu':>4} {'mf':>3} {'steal':>5} {'rerun':>5} {'lost':>5}  "
                 f"{'releaser':<8} result"
             )
             for rate in rates:
@@ -313,7 +336,7 @@ def run(
                 for index in range(rounds):
                     shift = index % len(order)
                     for point in order[shift:] + order[:shift]:
-                        bench.round(point, round_s)
+                        bench.round(point, round_s, steal_retries)
                 met &= report(baseline, points)
         finally:
             server.kill()
@@ -322,7 +345,8 @@ def run(
     print("late = the release process's verdicts against their release time (worst round);")
     print("cpu = the release process's CPU time over its lifetime (worst round);")
     print("mf = major page faults of the release processes (all rounds);")
-    print("steal = ms the hypervisor took from this VM's CPUs during the point's rounds")
+    print("steal = ms the hypervisor took from this VM's CPUs during the point's kept rounds;")
+    print("rerun = rounds measured again because the hypervisor took CPU during them")
     verdict = "met" if met else "MISSED"
     print(
         f"target p50 err <= {P50_TARGET_MS} ms, p99 err <= {P99_TARGET_MS} ms, no loss: {verdict}"
@@ -335,7 +359,8 @@ def report(baseline: Point, points: list[Point]) -> bool:
     print(
         f"{baseline.rate:7d} {'none':>6} {len(baseline.rtts):7d} "
         f"{baseline.sent / baseline.seconds:7.0f} {base50:9.3f} {base99:9.3f} {'':>10} {'':>10} "
-        f"{'':>8} {'':>8} {'':>12} {'':>4} {'':>3} {baseline.steal_ms:5.0f} {baseline.lost:5d}",
+        f"{'':>8} {'':>8} {'':>12} {'':>4} {'':>3} {baseline.steal_ms:5.0f} "
+        f"{baseline.reruns:5d} {baseline.lost:5d}",
         flush=True,
     )
     met = True
@@ -352,7 +377,7 @@ def report(baseline: Point, points: list[Point]) -> bool:
             f"{point.rate:7d} {point.delay:6d} {len(point.rtts):7d} "
             f"{point.sent / point.seconds:7.0f} {base50:9.3f} {base99:9.3f} {p50:10.3f} "
             f"{p99:10.3f} {err50:+8.3f} {err99:+8.3f} {late:>12} {cpu} {point.major_faults:3d} "
-            f"{point.steal_ms:5.0f} {point.lost:5d}  "
+            f"{point.steal_ms:5.0f} {point.reruns:5d} {point.lost:5d}  "
             f"{','.join(sorted(point.policies)):<8} {'pass' if ok else 'FAIL'}",
             flush=True,
         )
@@ -372,6 +397,12 @@ def main() -> int:
     parser.add_argument("--instruments", choices=["fifo", "other"], default="fifo")
     parser.add_argument("--load", type=int, default=0)
     parser.add_argument("--busy-thread", action="store_true")
+    parser.add_argument(
+        "--steal-retries",
+        type=int,
+        default=3,
+        help="measure a round again while the hypervisor stole CPU during it (0: keep all)",
+    )
     args = parser.parse_args()
     if args.role == "echo":
         echo(args.to)
@@ -382,7 +413,14 @@ def main() -> int:
     rates = [int(r) for r in args.rates.split(",")]
     delays = [int(d) for d in args.delays.split(",")]
     met = run(
-        rates, delays, args.seconds, args.rounds, args.instruments, args.load, args.busy_thread
+        rates,
+        delays,
+        args.seconds,
+        args.rounds,
+        args.instruments,
+        args.load,
+        args.busy_thread,
+        args.steal_retries,
     )
     return 0 if met else 1
 
