@@ -7,38 +7,55 @@ open-loop at a fixed rate (RATE requests/s, a quarter of what the service can ta
 one connection per request, as a production host sees it: a request starts at its
 scheduled time whatever the one before it did, and when the one before it ran past that
 time its latency counts from the scheduled time (the wait a real client would have seen),
-so a slow stretch cannot hide by slowing the load down. The earlier version ran requests
+so a slow stretch cannot hide by slowing the load down. The wait is rebuilt from each
+request's own time (see `load`), so the load generator's own stalls (sends up to 4 ms
+late here; the version before this one counted the requests queued behind them, which
+put its p99 in the milliseconds) do not count. The earliest version ran requests
 back to back, closed-loop: the load loop, the service and dnsmasq then kept a core busy
 between them, and on 2 cores any CPU the capture used at all showed up as latency, which
 is not what a service that is not saturated sees.
 
-Rounds with and without `depdrill.discover.run` (in its own process, as the CLI runs it,
-started before the round and ready before its first request) alternate in one run, the
-order swapped every pair, so drift and other load on the box hit both arms; the pooled
-p99s and their ratio are printed against the target (a rise of at most 2 %), with the
-median of the per-pair ratios as a check that one disturbed round did not decide it.
+The run is a series of cycles; each cycle runs three short rounds in a fresh random order:
+`off` (no capture), `again` (no capture either: the calibration) and `capture` (a
+`depdrill.discover.run` in its own process, as the CLI runs it, started before the round
+and ready before its first request). Drift and other load on the box hit all three alike.
+Printed: the pooled p50s and p99s, `again/off` (what the bench calls a difference when
+there is none: its noise) next to `capture/off`, each p99 ratio with a 95 % bootstrap
+interval (cycles resampled with replacement, so each resample keeps the rounds that ran
+side by side together), and whether the target (a rise of at most 2 %) is met: only when
+the whole interval is under 1.02; "not resolved" when the interval straddles it.
+By default every process floats over every CPU, as on a host. `--pin` is the harsh case
+for a 2-core box: the load on one CPU, and the service, dnsmasq and the capture confined
+to the other, so the capture's packet loop can only ever run on the service's own CPU.
+`--tap-only` opens the capture's socket, filter and ring and never reads them: the
+kernel's share of the cost, apart from the packet loop's (bench/tapcost.py prices it per
+packet).
 
-Run as root: `.venv/bin/python -P bench/overhead.py [--rate N] [--seconds S] [--pairs N]`.
+Run as root, under the bench lock: `flock /tmp/depdrill-bench.lock .venv/bin/python -P
+bench/overhead.py [--rate N] [--seconds S] [--cycles N] [--pin] [--tap-only]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import random
 import secrets
 import socket
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 RUN = secrets.token_hex(2)
 PORT = 8080
 TARGET_RISE = 0.02
 RATE = 2000
+ARMS = ("off", "again", "capture")
 
 SERVICE = """
 import socket, sys, os
@@ -65,21 +82,41 @@ while True:
 # begins a discovery run (ready when it is filtering), each "stop" ends it and prints counts.
 # Between runs it sleeps on stdin, its socket closed: the service runs as if it were absent.
 CAPTURE = """
-import sys, threading
+import resource, sys, threading
 from depdrill.discover.run import DiscoverOptions, run
 from depdrill.netns import Target
 options = DiscoverOptions(target=Target(netns=sys.argv[1]), duration_s=3600)
 print("ready", flush=True)
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 for line in sys.stdin:
     stop, ready, graphs = threading.Event(), threading.Event(), []
     thread = threading.Thread(target=lambda: graphs.append(run(options, stop, ready)))
     thread.start()
     ready.wait()
     print("capturing", flush=True)
+    used = cpu()
     sys.stdin.readline()
+    used = cpu() - used  # the round's share: the graph is built after it
     stop.set()
     thread.join()
-    print(graphs[0].capture.dns_messages, graphs[0].capture.kernel_drops, flush=True)
+    capture = graphs[0].capture
+    counts = capture.dns_messages, capture.kernel_drops, ",".join(capture.interfaces), used
+    print(*counts, flush=True)
+"""
+
+# --tap-only: the same socket, filter and ring, never read: the kernel's share of the cost.
+TAP_ONLY = """
+import sys
+from depdrill.discover.capture import LiveCapture
+from depdrill.netns import Target
+print("ready", flush=True)
+for line in sys.stdin:
+    with LiveCapture.open(Target(netns=sys.argv[1])) as capture:
+        print("capturing", flush=True)
+        sys.stdin.readline()
+    print(0, capture.kernel_drops, ",".join(capture.interfaces), 0, flush=True)
 """
 
 
@@ -93,20 +130,18 @@ class World:
     address: str
 
 
-def _start(argv: list[str], **kwargs: object) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(  # type: ignore[call-overload]
-        argv, stdout=subprocess.PIPE, text=True, **kwargs
-    )
+def _start(argv: list[str], **kwargs: Any) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, **kwargs)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if "ready" not in line:
         raise RuntimeError(f"{argv[:5]} did not start: {line!r}")
-    return proc  # type: ignore[no-any-return]
+    return proc
 
 
 @contextmanager
-def world() -> Iterator[World]:
-    """The service (.10) and dnsmasq (.53) on a bridge whose host side is .1."""
+def world(pin: list[str]) -> Iterator[World]:
+    """The service (.10) and dnsmasq (.53) on a bridge whose host side is .1; `pin`: taskset."""
     routes = sh("ip", "-4", "route").stdout
     subnet = next(k for k in range(150, 200) if f"198.19.{k}." not in routes)
     bridge, service, dns = f"ddto{RUN}", f"ddto{RUN}-svc", f"ddto{RUN}-dns"
@@ -130,7 +165,7 @@ def world() -> Iterator[World]:
             sh("ip", "-n", ns, "route", "add", "default", "via", f"198.19.{subnet}.1")
         procs.append(
             subprocess.Popen(
-                ["ip", "netns", "exec", dns, "dnsmasq", "--keep-in-foreground", "--no-resolv",
+                ["ip", "netns", "exec", dns, *pin, "dnsmasq", "--keep-in-foreground", "--no-resolv",
                  "--no-hosts", "--conf-file=/dev/null", "--bind-interfaces",
                  f"--listen-address=198.19.{subnet}.53", "--local=/test/", "--pid-file=",
                  "--log-facility=/dev/null", f"--host-record=api.bnch.test,198.19.{subnet}.20"],
@@ -139,7 +174,7 @@ def world() -> Iterator[World]:
         )  # fmt: skip
         time.sleep(0.3)
         service_argv = [sys.executable, "-c", SERVICE, f"198.19.{subnet}.53"]
-        procs.append(_start(["ip", "netns", "exec", service, *service_argv]))
+        procs.append(_start(["ip", "netns", "exec", service, *pin, *service_argv]))
         yield World(service, f"198.19.{subnet}.10")
     finally:
         for proc in procs:
@@ -155,84 +190,176 @@ def world() -> Iterator[World]:
 
 
 def load(address: str, rate: int, seconds: float) -> list[float]:
-    """Requests at `rate`/s for `seconds`, one connection each; each one's latency in µs."""
+    """Requests at `rate`/s for `seconds`, one connection each; each one's latency in µs.
+
+    A request's latency is what an ideal open-loop client would have seen: it arrives when
+    due, waits while the (single-threaded) service finishes the ones before it, then takes
+    the time the service really took for it. Each request is timed from its own send, and
+    the queue is rebuilt from those times (the Lindley recursion), so a slow request makes
+    the next ones wait as it would in production, while a stall of this Python loop itself
+    (it is not the service: seen here as sends that left up to 4 ms late) adds nothing.
+    """
     interval_ns = 10**9 // rate
-    latencies = []
+    taken: list[int] = []
     start = time.perf_counter_ns() + 1_000_000
-    free_at = start  # when the request before this one finished
     for i in range(int(rate * seconds)):
         due = start + i * interval_ns
         while (wait := due - time.perf_counter_ns()) > 0:
             time.sleep(wait / 1e9)
         began = time.perf_counter_ns()
-        # Late because the one before ran past `due`: this one waited that long, count it.
-        # Late only by the sleep's own slack: the load's fault, not the service's.
-        origin = due if free_at > due else began
         with socket.create_connection((address, PORT), timeout=5) as conn:
             conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
             while conn.recv(4096):
                 pass
-        free_at = time.perf_counter_ns()
-        latencies.append((free_at - origin) / 1000)
+        taken.append(time.perf_counter_ns() - began)
+    latencies = []
+    free_at = 0  # when the service finished the request before this one
+    for i, service_ns in enumerate(taken):
+        due = i * interval_ns
+        free_at = max(due, free_at) + service_ns
+        latencies.append((free_at - due) / 1000)
     return latencies
 
 
-def p99(values: list[float]) -> float:
-    return statistics.quantiles(values, n=100)[98]
+def quantile(ordered: list[float], q: float) -> float:
+    """The nearest-rank quantile of ascending values (the one the bootstrap can compute fast)."""
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+@dataclass
+class Arm:
+    """One arm's rounds, each kept sorted, in cycle order (round i ran in cycle i)."""
+
+    rounds: list[list[float]] = field(default_factory=list)
+
+    def pooled(self, q: float) -> float:
+        return quantile(sorted(v for r in self.rounds for v in r), q)
+
+
+def tail_ratio(num: Arm, den: Arm, cycles: list[int], q: float = 0.99) -> float:
+    """The pooled q-quantile of `num`'s rounds over `den`'s, both taken from `cycles`."""
+    return _upper(num, cycles, q) / _upper(den, cycles, q)
+
+
+def _upper(arm: Arm, cycles: list[int], q: float) -> float:
+    # The pooled quantile from each round's largest values alone: the k-th largest of the
+    # union needs at most k values of any round, and usually far fewer. Take a few times the
+    # fair share first; if some round had all its taken values above the answer, it may
+    # hold more, so take everything that could count and look again.
+    total = sum(len(arm.rounds[c]) for c in cycles)
+    k = total - max(1, math.ceil(q * total)) + 1
+    share = 4 * k // len(cycles) + 8
+    while True:
+        taken = [arm.rounds[c][-share:] for c in cycles]
+        top = sorted(v for t in taken for v in t)[-k]
+        if share >= k or all(len(t) < share or t[0] < top for t in taken):
+            return top
+        share = k
+
+
+def bootstrap(num: Arm, den: Arm, resamples: int, rng: random.Random) -> tuple[float, float]:
+    """A 95 % percentile interval of the pooled p99 ratio, resampling whole cycles."""
+    n = len(den.rounds)
+    ratios = sorted(
+        tail_ratio(num, den, [rng.randrange(n) for _ in range(n)]) for _ in range(resamples)
+    )
+    return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=int, default=RATE, help="requests/s, open-loop")
-    parser.add_argument("--seconds", type=float, default=1.0, help="per round")
-    parser.add_argument("--pairs", type=int, default=30, help="rounds of each kind")
+    parser.add_argument("--seconds", type=float, default=0.5, help="per round")
+    parser.add_argument("--cycles", type=int, default=100, help="rounds of each arm")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument(
+        "--pin", action="store_true", help="load on one CPU; service, dnsmasq, capture on the rest"
+    )
+    parser.add_argument(
+        "--tap-only",
+        action="store_true",
+        help="open the capture, never read it (the kernel's part)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/overhead.py needs root (network namespaces)")
         return 2
     _precise_sleep()
-    without: list[float] = []
-    captured: list[float] = []
-    ratios: list[float] = []
+    cpus = sorted(os.sched_getaffinity(0))
+    pin: list[str] = []
+    if args.pin and len(cpus) > 1:
+        pin = ["taskset", "-c", ",".join(map(str, cpus[1:]))]
+    arms = {name: Arm() for name in ARMS}
     seen = drops = 0
-    with world() as w:
-        capture = _start([sys.executable, "-P", "-c", CAPTURE, w.service], stdin=subprocess.PIPE)
+    capture_cpu = 0.0
+    interfaces = ""
+    rng = random.Random()
+    started = time.monotonic()
+    with world(pin) as w:
+        capture = _start(
+            [*pin, sys.executable, "-P", "-c", TAP_ONLY if args.tap_only else CAPTURE, w.service],
+            stdin=subprocess.PIPE,
+        )
         assert capture.stdin is not None and capture.stdout is not None
+        if pin:
+            os.sched_setaffinity(0, cpus[:1])
         load(w.address, args.rate, 1.0)  # warm up: caches, the first dnsmasq answers
-        for pair in range(args.pairs):
-            rounds: dict[bool, list[float]] = {}
-            for capturing in (False, True) if pair % 2 == 0 else (True, False):
-                if not capturing:
-                    rounds[False] = load(w.address, args.rate, args.seconds)
+        for _ in range(args.cycles):
+            order = list(ARMS)
+            rng.shuffle(order)
+            for name in order:
+                if name != "capture":
+                    arms[name].rounds.append(sorted(load(w.address, args.rate, args.seconds)))
                     continue
                 capture.stdin.write("start\n")
                 capture.stdin.flush()
                 if "capturing" not in capture.stdout.readline():
                     raise RuntimeError("the capture did not start")
-                rounds[True] = load(w.address, args.rate, args.seconds)
+                arms[name].rounds.append(sorted(load(w.address, args.rate, args.seconds)))
                 capture.stdin.write("stop\n")
                 capture.stdin.flush()
-                counts = capture.stdout.readline().split()
-                seen, drops = seen + int(counts[0]), drops + int(counts[1])
-            without += rounds[False]
-            captured += rounds[True]
-            ratios.append(p99(rounds[True]) / p99(rounds[False]))
+                messages, lost, interfaces, used = capture.stdout.readline().split()
+                seen, drops = seen + int(messages), drops + int(lost)
+                capture_cpu += float(used)
         capture.stdin.close()
         capture.wait(30)
         capture.stdout.close()
-    off, on = p99(without), p99(captured)
+    elapsed = time.monotonic() - started
+    off, again, captured = arms["off"], arms["again"], arms["capture"]
+    requests = sum(map(len, off.rounds))
     print(
-        f"{len(without)} requests per side at {args.rate}/s open-loop, {args.pairs} alternating "
-        f"pairs of {args.seconds:g} s rounds; depdrill saw {seen} DNS messages "
-        f"({2 * len(captured)} expected), kernel drops {drops}"
+        f"{requests} requests per arm at {args.rate}/s open-loop, {args.cycles} cycles of "
+        f"three {args.seconds:g} s rounds (off, again, capture) in random order, "
+        f"{elapsed:.0f} s; load on CPU {cpus[0] if pin else 'any'}"
     )
-    p50_off, p50_on = statistics.median(without), statistics.median(captured)
-    print(f"p50 without {p50_off:.0f} µs, with {p50_on:.0f} µs")
+    expected = 2 * sum(map(len, captured.rounds))
     print(
-        f"p99 without {off:.0f} µs, with {on:.0f} µs: ratio {on / off:.3f} "
-        f"(target <= {1 + TARGET_RISE:.2f}); median of the per-pair p99 ratios "
-        f"{statistics.median(ratios):.3f}"
+        f"depdrill saw {seen} DNS messages ({expected} expected), kernel drops {drops}, "
+        f"capturing on {interfaces}; the capture process took "
+        f"{capture_cpu / (args.cycles * args.seconds):.1%} of a CPU while capturing"
     )
+    for q, label in ((0.5, "p50"), (0.99, "p99")):
+        base = off.pooled(q)
+        print(
+            f"{label}: off {base:.0f} µs, again {again.pooled(q):.0f} µs "
+            f"(x{again.pooled(q) / base:.3f}), capture {captured.pooled(q):.0f} µs "
+            f"(x{captured.pooled(q) / base:.3f})"
+        )
+    everything = list(range(args.cycles))
+    calibration = tail_ratio(again, off, everything)
+    low_aa, high_aa = bootstrap(again, off, args.resamples, rng)
+    rise = tail_ratio(captured, off, everything)
+    low, high = bootstrap(captured, off, args.resamples, rng)
+    print(f"p99 again/off   {calibration:.3f}, 95 % interval [{low_aa:.3f}, {high_aa:.3f}]")
+    print(f"p99 capture/off {rise:.3f}, 95 % interval [{low:.3f}, {high:.3f}]")
+    limit = 1 + TARGET_RISE
+    if high <= limit:
+        verdict = "met"
+    elif low > limit:
+        verdict = "NOT met"
+    else:
+        verdict = "not resolved (the interval straddles it)"
+    print(f"target p99 capture/off <= {limit:.2f}: {verdict}")
     return 0
 
 
