@@ -29,6 +29,9 @@ transaction puts through the service's interfaces, to read a cost per packet:
   service sends arrives, ignoring outgoing packets too;
 - `live`: LiveCapture.open as discovery runs it (bound to eth0, the namespace's only
   interface, so loopback traffic never meets the tap);
+- `nflog`: no tap, but an nft table whose rules send DNS, the service's UDP and its SYNs to
+  an NFLOG group (another way to capture; no listener here, so it prices the rule tests the
+  service's other packets meet, nothing more);
 - `tstamp`: no tap, but a socket with SO_TIMESTAMP open on the host, which switches on
   the kernel's receive timestamps (netstamp_needed_key) for every packet.
 
@@ -59,6 +62,7 @@ from depdrill.discover.capture import (
     bpf_filter,
     compile_bpf,
 )
+from depdrill.execute.injectors.libnftables import NftContext
 from depdrill.netns import Target, entered
 from depdrill.testing import RUN, ScratchNet, scratch_bridge
 
@@ -128,6 +132,23 @@ EARLIER_FILTER = (
 )
 
 
+NFLOG_RULESET = """table inet {table} {{
+\tflags owner;
+\tchain in {{
+\t\ttype filter hook input priority 0; policy accept;
+\t\tudp sport 53 log group 53
+\t\ttcp sport 53 log group 53
+\t}}
+\tchain out {{
+\t\ttype filter hook output priority 0; policy accept;
+\t\tmeta l4proto udp log group 53
+\t\ttcp dport 53 log group 53
+\t\ttcp flags & (syn | ack) == syn log group 53
+\t}}
+}}
+"""
+
+
 def packet_socket(
     stack: ExitStack, program: bytes, *, ring: bool, ignore_out: bool = False, device: str = ""
 ) -> None:
@@ -164,6 +185,14 @@ def arms(net: ScratchNet, service: str) -> dict[str, Arm]:
     def live(stack: ExitStack) -> None:
         stack.enter_context(LiveCapture.open(target))
 
+    def nflog(stack: ExitStack) -> None:
+        # The other mechanism: netfilter rules that pass only what discovery wants to an
+        # NFLOG group, so the service's other packets meet a few rule tests, no packet hook.
+        with entered(target):
+            nft = NftContext()
+        stack.callback(nft.close)
+        nft.run(NFLOG_RULESET.format(table=f"ddtc{RUN}"))
+
     def tstamp(stack: ExitStack) -> None:
         sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
@@ -178,6 +207,7 @@ def arms(net: ScratchNet, service: str) -> dict[str, Arm]:
         "peer": peer,
         "live": live,
         "tstamp": tstamp,
+        "nflog": nflog,
     }
 
 
