@@ -49,11 +49,11 @@ from depdrill.discover.dissect import PacketEvent
 from depdrill.discover.dns import DnsMessage
 from depdrill.discover.run import DiscoverOptions, run
 from depdrill.netns import Target
+from depdrill.testing import RUN, scratch_bridge, sh
 
 LOSS_LIMIT = 0.001
 NAMES = 200
 DISTINCT = 150_000
-RUN = secrets.token_hex(2)
 SCAPY_SNIFF = """
 import sys
 from scapy.all import AsyncSniffer
@@ -83,10 +83,6 @@ TX_DATA_AT = 32  # TPACKET2_HDRLEN - sizeof(struct sockaddr_ll): where a frame's
 FOREIGN_MAC = bytes.fromhex("02dd000000fe")  # not the client's: its IP stack drops them
 
 
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, check=check, capture_output=True, text=True)
-
-
 @dataclass
 class Bench:
     subnet: int
@@ -107,51 +103,30 @@ class Bench:
 @contextmanager
 def bench_world() -> Iterator[Bench]:
     """Two namespaces on a bridge: dnsmasq answering NAMES names, and the client."""
-    routes = sh("ip", "-4", "route").stdout
-    subnet = next(k for k in range(200, 250) if f"198.19.{k}." not in routes)
-    bridge, client, server = f"ddtb{RUN}", f"ddtb{RUN}-cli", f"ddtb{RUN}-srv"
-    links: list[str] = []
     tmp = Path(tempfile.mkdtemp(prefix="ddtbench"))
     dnsmasq: subprocess.Popen[bytes] | None = None
-    try:
-        sh("ip", "link", "add", bridge, "type", "bridge")
-        sh("ip", "addr", "add", f"198.19.{subnet}.1/24", "dev", bridge)
-        sh("ip", "link", "set", bridge, "up")
-        for i, (ns, host) in enumerate(((client, 10), (server, 53))):
-            outer = f"ddtb{RUN}{i}o"
-            sh("ip", "netns", "add", ns)
-            sh("ip", "link", "add", outer, "type", "veth", "peer", "name", f"ddtb{RUN}{i}i")
-            links.append(outer)
-            sh("ip", "link", "set", outer, "master", bridge, "up")
-            sh("ip", "link", "set", f"ddtb{RUN}{i}i", "netns", ns)
-            sh("ip", "-n", ns, "link", "set", f"ddtb{RUN}{i}i", "name", "eth0")
-            sh("ip", "-n", ns, "addr", "add", f"198.19.{subnet}.{host}/24", "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        records = [f"--host-record=n{i}.bench.test,198.19.{subnet}.{100 + i % 100}"
-                   for i in range(NAMES)]  # fmt: skip
-        dnsmasq = subprocess.Popen(
-            ["ip", "netns", "exec", server, "dnsmasq", "--keep-in-foreground", "--no-resolv",
-             "--no-hosts", "--conf-file=/dev/null", "--bind-interfaces",
-             f"--listen-address=198.19.{subnet}.53", "--local=/test/", "--pid-file=",
-             "--cache-size=10000", "--log-facility=/dev/null", *records],
-        )  # fmt: skip
-        queries = tmp / "queries.txt"
-        queries.write_text("".join(f"n{i}.bench.test A\n" for i in range(NAMES)))
-        distinct = tmp / "distinct.txt"  # NXDOMAIN from dnsmasq, a new message every time
-        distinct.write_text("".join(f"u{i}.miss.test A\n" for i in range(DISTINCT)))
-        time.sleep(0.5)
-        yield Bench(subnet, client, server, links[0], queries, distinct, tmp)
-    finally:
-        if dnsmasq is not None:
-            dnsmasq.kill()
-            dnsmasq.wait()
-        for ns in (client, server):
-            sh("ip", "netns", "del", ns, check=False)
-        for link in links:
-            sh("ip", "link", "del", link, check=False)
-        sh("ip", "link", "del", bridge, check=False)
-        shutil.rmtree(tmp, ignore_errors=True)
+    with scratch_bridge(0, f"ddtb{RUN}") as net:
+        try:
+            client, server = net.add("cli", 10), net.add("srv", 53)
+            records = [f"--host-record=n{i}.bench.test,{net.address(100 + i % 100)}"
+                       for i in range(NAMES)]  # fmt: skip
+            dnsmasq = subprocess.Popen(
+                ["ip", "netns", "exec", server, "dnsmasq", "--keep-in-foreground", "--no-resolv",
+                 "--no-hosts", "--conf-file=/dev/null", "--bind-interfaces",
+                 f"--listen-address={net.address(53)}", "--local=/test/", "--pid-file=",
+                 "--cache-size=10000", "--log-facility=/dev/null", *records],
+            )  # fmt: skip
+            queries = tmp / "queries.txt"
+            queries.write_text("".join(f"n{i}.bench.test A\n" for i in range(NAMES)))
+            distinct = tmp / "distinct.txt"  # NXDOMAIN from dnsmasq, a new message every time
+            distinct.write_text("".join(f"u{i}.miss.test A\n" for i in range(DISTINCT)))
+            time.sleep(0.5)
+            yield Bench(net.subnet, client, server, net.links[0], queries, distinct, tmp)
+        finally:
+            if dnsmasq is not None:
+                dnsmasq.kill()
+                dnsmasq.wait()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def record(bench: Bench, queries: Path, pcap: Path, rate: int, argv: list[str]) -> int:

@@ -41,7 +41,6 @@ import argparse
 import math
 import os
 import random
-import secrets
 import socket
 import subprocess
 import sys
@@ -51,7 +50,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-RUN = secrets.token_hex(2)
+from depdrill.testing import RUN, scratch_bridge
+
 PORT = 8080
 TARGET_RISE = 0.02
 RATE = 2000
@@ -120,10 +120,6 @@ for line in sys.stdin:
 """
 
 
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, check=check, capture_output=True, text=True)
-
-
 @dataclass
 class World:
     service: str
@@ -142,51 +138,29 @@ def _start(argv: list[str], **kwargs: Any) -> subprocess.Popen[str]:
 @contextmanager
 def world(pin: list[str]) -> Iterator[World]:
     """The service (.10) and dnsmasq (.53) on a bridge whose host side is .1; `pin`: taskset."""
-    routes = sh("ip", "-4", "route").stdout
-    subnet = next(k for k in range(150, 200) if f"198.19.{k}." not in routes)
-    bridge, service, dns = f"ddto{RUN}", f"ddto{RUN}-svc", f"ddto{RUN}-dns"
-    links: list[str] = []
     procs: list[subprocess.Popen[str]] = []
-    try:
-        sh("ip", "link", "add", bridge, "type", "bridge")
-        sh("ip", "addr", "add", f"198.19.{subnet}.1/24", "dev", bridge)
-        sh("ip", "link", "set", bridge, "up")
-        for i, (ns, host) in enumerate(((service, 10), (dns, 53))):
-            outer, inner = f"ddto{RUN}{i}o", f"ddto{RUN}{i}i"
-            sh("ip", "netns", "add", ns)
-            sh("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
-            links.append(outer)
-            sh("ip", "link", "set", outer, "master", bridge, "up")
-            sh("ip", "link", "set", inner, "netns", ns)
-            sh("ip", "-n", ns, "link", "set", inner, "name", "eth0")
-            sh("ip", "-n", ns, "addr", "add", f"198.19.{subnet}.{host}/24", "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "-n", ns, "route", "add", "default", "via", f"198.19.{subnet}.1")
-        procs.append(
-            subprocess.Popen(
-                ["ip", "netns", "exec", dns, *pin, "dnsmasq", "--keep-in-foreground", "--no-resolv",
-                 "--no-hosts", "--conf-file=/dev/null", "--bind-interfaces",
-                 f"--listen-address=198.19.{subnet}.53", "--local=/test/", "--pid-file=",
-                 "--log-facility=/dev/null", f"--host-record=api.bnch.test,198.19.{subnet}.20"],
-                text=True,
-            )
-        )  # fmt: skip
-        time.sleep(0.3)
-        service_argv = [sys.executable, "-c", SERVICE, f"198.19.{subnet}.53"]
-        procs.append(_start(["ip", "netns", "exec", service, *pin, *service_argv]))
-        yield World(service, f"198.19.{subnet}.10")
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
-        for ns in (service, dns):
-            sh("ip", "netns", "del", ns, check=False)
-        for link in links:
-            sh("ip", "link", "del", link, check=False)
-        sh("ip", "link", "del", bridge, check=False)
+    with scratch_bridge(0, f"ddto{RUN}") as net:
+        try:
+            service, dns = net.add("svc", 10), net.add("dns", 53)
+            procs.append(
+                subprocess.Popen(
+                    ["ip", "netns", "exec", dns, *pin, "dnsmasq", "--keep-in-foreground",
+                     "--no-resolv", "--no-hosts", "--conf-file=/dev/null", "--bind-interfaces",
+                     f"--listen-address={net.address(53)}", "--local=/test/", "--pid-file=",
+                     "--log-facility=/dev/null", f"--host-record=api.bnch.test,{net.address(20)}"],
+                    text=True,
+                )
+            )  # fmt: skip
+            time.sleep(0.3)
+            service_argv = [sys.executable, "-c", SERVICE, net.address(53)]
+            procs.append(_start(["ip", "netns", "exec", service, *pin, *service_argv]))
+            yield World(service, net.address(10))
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+                if proc.stdout is not None:
+                    proc.stdout.close()
 
 
 def load(address: str, rate: int, seconds: float) -> list[float]:

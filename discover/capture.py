@@ -20,6 +20,7 @@ the ring absorbs what arrives meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import mmap
@@ -158,11 +159,10 @@ class _Priority:
     def __init__(self) -> None:
         self.background = False
         self._own: tuple[int, os.sched_param] | None = None
-        try:
+        # Not Linux: the normal priority is correct, only less polite.
+        with contextlib.suppress(OSError, AttributeError):
             if _may_leave_idle():  # else SCHED_IDLE would be for good: stay as we are
                 self._own = os.sched_getscheduler(0), os.sched_getparam(0)
-        except (OSError, AttributeError):
-            pass  # not Linux: the normal priority is correct, only less polite
 
     def lower(self) -> None:
         if self._own is not None and not self.background:
@@ -290,32 +290,28 @@ class LiveCapture:
                     self._read_drops()
                     last_stats = now
                 ready, _, _ = select.select([self._sock], [], [], min(POLL_S, deadline - now))
-                if not ready:
-                    continue
-                for _ in range(BATCH):
-                    try:
-                        size, address = self._sock.recvfrom_into(buffer)
-                    except OSError as exc:
-                        if exc.errno not in _NOTHING_TO_READ:
-                            raise
-                        break
-                    if address[3] == ARPHRD_LOOPBACK:
-                        continue
-                    self.packet_count += 1
-                    yield time.time(), bytes(view[:size])
-            for _ in range(MAX_DRAIN):  # what the socket already holds arrived before the end
-                try:
-                    size, address = self._sock.recvfrom_into(buffer)
-                except OSError as exc:
-                    if exc.errno not in _NOTHING_TO_READ:
-                        raise
-                    break
-                if address[3] != ARPHRD_LOOPBACK:
-                    self.packet_count += 1
-                    yield time.time(), bytes(view[:size])
+                if ready:
+                    yield from self._held(buffer, view, BATCH)
+            # What the socket already holds arrived before the end.
+            yield from self._held(buffer, view, MAX_DRAIN)
         finally:
             view.release()
             self._read_drops()
+
+    def _held(
+        self, buffer: bytearray, view: memoryview, limit: int
+    ) -> Iterator[tuple[float, bytes]]:
+        """Up to `limit` packets the socket holds now, one `recv` each; loopback's left out."""
+        for _ in range(limit):
+            try:
+                size, address = self._sock.recvfrom_into(buffer)
+            except OSError as exc:
+                if exc.errno not in _NOTHING_TO_READ:
+                    raise
+                return
+            if address[3] != ARPHRD_LOOPBACK:
+                self.packet_count += 1
+                yield time.time(), bytes(view[:size])
 
     def _ring_frames(
         self,

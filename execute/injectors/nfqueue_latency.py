@@ -296,8 +296,13 @@ class DelayQueue:
 
     def close(self) -> None:
         """Release every held packet at once and unbind (the kernel then bypasses)."""
-        if not self._counter.closed:
-            self._end(kill=False)
+        if self._counter.closed:
+            return
+        self.release()
+        # End of file: it unbinds the queue and exits, in its own time; a thread reaps it.
+        self._releaser.end()
+        self.stats.setdefault("queued", self.queued)
+        self._counter.close()
 
     def release(self) -> None:
         """Accept every held packet now and stop holding; the queue stays bound until close."""
@@ -313,15 +318,6 @@ class DelayQueue:
             self.stats = json.loads(summary)
         if not summary:
             self._releaser.process.kill()
-
-    def _end(self, kill: bool) -> None:
-        if kill:
-            self._releaser.process.kill()
-        self.release()
-        # End of file: it unbinds the queue and exits, in its own time; a thread reaps it.
-        self._releaser.end()
-        self.stats.setdefault("queued", self.queued)
-        self._counter.close()
 
 
 @dataclass
@@ -426,11 +422,12 @@ class NfqueueLatency:
             raise TypeError(f"not an nfqueue-latency handle: {handle!r}")
         if handle.reverted:
             return
+        # Deleting the table below stops the gate too, if flushing it fails (a held packet
+        # may then be lost).
         try:
-            # Nothing is marked any more, so nothing more is queued ...
-            handle.gate.run(f"flush chain {GATE_FAMILY} {handle.table} gate\n")
-        except NftError:
-            pass  # deleting the table below stops it too (a held packet may then be lost)
+            with contextlib.suppress(NftError):
+                # Nothing is marked any more, so nothing more is queued ...
+                handle.gate.run(f"flush chain {GATE_FAMILY} {handle.table} gate\n")
         finally:
             # ... then what the queue holds is released, before any hook is unregistered
             # (that would drop it) ...

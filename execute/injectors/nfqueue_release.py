@@ -6,7 +6,7 @@ thread of the runner held the packets):
   thread asks for the GIL only after the 5 ms switch interval: with one busy thread in the
   process a 2 ms select() woke 5.3 ms late (p50), and the thread design's latency error
   became +5 ms at p50 and +23 to +924 ms at p99. This process runs nothing else and
-  imports only the stdlib.
+  imports only the stdlib (and depdrill's netlink framing, which does too).
 - Under CPU load from other processes a normal-priority releaser waits for a core. Here
   the releaser alone asks for SCHED_FIFO (when the capability exists; otherwise it stays
   SCHED_OTHER and says which in its ready line), with 1 ns timer slack; it sleeps until
@@ -49,7 +49,19 @@ import sys
 import time
 from collections import deque
 
-NETLINK_NETFILTER = 12
+from depdrill.execute.injectors.netlink import (
+    ATTR,
+    NETLINK_NETFILTER,
+    NFGEN,
+    NLM_F_ACK,
+    NLM_F_REQUEST,
+    NLMSG,
+    NLMSG_ERROR,
+    attr,
+    error_code,
+    nfnl_message,
+)
+
 SO_RCVBUFFORCE = 33
 SO_TIMESTAMP = 29
 NFNL_SUBSYS_QUEUE = 3
@@ -68,12 +80,6 @@ NFQA_CFG_FLAGS = 5
 NFQA_CFG_F_FAIL_OPEN = 1  # a full queue accepts packets instead of dropping them
 NFQNL_COPY_META = 1
 NF_ACCEPT = 1
-NLMSG_ERROR = 2
-NLM_F_REQUEST = 1
-NLM_F_ACK = 4
-NLMSG_HEADER = struct.Struct("=IHHII")
-NFGEN_HEADER = struct.Struct("=BBH")
-ATTR_HEADER = struct.Struct("=HH")
 ATTR_TYPE_MASK = 0x3FFF
 PACKET_ID = struct.Struct("!I")
 STAMP = struct.Struct("!QQ")
@@ -100,17 +106,8 @@ LATENESS_BUCKET_US = 10
 LATENESS_BUCKETS = 1000  # 0-10 ms in 10 us steps, then one overflow bucket
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = ATTR_HEADER.size + len(payload)
-    return ATTR_HEADER.pack(length, kind) + payload + b"\0" * (-length % 4)
-
-
 def _message(kind: int, queue: int, attrs: bytes, flags: int, seq: int = 0) -> bytes:
-    body = NFGEN_HEADER.pack(socket.AF_UNSPEC, 0, socket.htons(queue)) + attrs
-    header = NLMSG_HEADER.pack(
-        NLMSG_HEADER.size + len(body), (NFNL_SUBSYS_QUEUE << 8) | kind, flags, seq, 0
-    )
-    return header + body
+    return nfnl_message(NFNL_SUBSYS_QUEUE, kind, socket.AF_UNSPEC, queue, flags, seq, attrs)
 
 
 def open_queue(queue: int, max_held: int) -> socket.socket:
@@ -124,20 +121,20 @@ def open_queue(queue: int, max_held: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
         sock.bind((0, 0))
         attrs = (
-            _attr(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_BIND, socket.AF_UNSPEC))
-            + _attr(NFQA_CFG_PARAMS, struct.pack("!IB", 0, NFQNL_COPY_META))
-            + _attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", max_held))
-            + _attr(NFQA_CFG_MASK, struct.pack("!I", NFQA_CFG_F_FAIL_OPEN))
-            + _attr(NFQA_CFG_FLAGS, struct.pack("!I", NFQA_CFG_F_FAIL_OPEN))
+            attr(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_BIND, socket.AF_UNSPEC))
+            + attr(NFQA_CFG_PARAMS, struct.pack("!IB", 0, NFQNL_COPY_META))
+            + attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", max_held))
+            + attr(NFQA_CFG_MASK, struct.pack("!I", NFQA_CFG_F_FAIL_OPEN))
+            + attr(NFQA_CFG_FLAGS, struct.pack("!I", NFQA_CFG_F_FAIL_OPEN))
         )
         sock.send(_message(NFQNL_MSG_CONFIG, queue, attrs, NLM_F_REQUEST | NLM_F_ACK, seq=1))
         reply = sock.recv(MESSAGE_BUFFER)
-        _, kind, _, _, _ = NLMSG_HEADER.unpack_from(reply)
+        _, kind, _, _, _ = NLMSG.unpack_from(reply)
         if kind != NLMSG_ERROR:
             raise OSError(errno.EPROTO, f"unexpected netlink reply type {kind}")
-        (code,) = struct.unpack_from("=i", reply, NLMSG_HEADER.size)
+        code = error_code(reply)
         if code:
-            raise OSError(-code, os.strerror(-code))
+            raise OSError(code, os.strerror(code))
     except BaseException:
         sock.close()
         raise
@@ -168,7 +165,7 @@ class Releaser:
             _message(
                 NFQNL_MSG_VERDICT_BATCH,
                 queue,
-                _attr(NFQA_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, 0)),
+                attr(NFQA_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, 0)),
                 NLM_F_REQUEST,
             )
         )
@@ -233,9 +230,9 @@ class Releaser:
     def _parse(self, size: int, arrived: float, wall: float) -> None:
         buffer = self.buffer
         offset = 0
-        while offset + NLMSG_HEADER.size <= size:
-            length, kind, _, _, _ = NLMSG_HEADER.unpack_from(buffer, offset)
-            if length < NLMSG_HEADER.size:
+        while offset + NLMSG.size <= size:
+            length, kind, _, _, _ = NLMSG.unpack_from(buffer, offset)
+            if length < NLMSG.size:
                 return
             if kind == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET:
                 self._hold(offset, offset + length, arrived, wall)
@@ -243,17 +240,17 @@ class Releaser:
 
     def _hold(self, start: int, end: int, arrived: float, wall: float) -> None:
         buffer = self.buffer
-        at = start + NLMSG_HEADER.size + NFGEN_HEADER.size
+        at = start + NLMSG.size + NFGEN.size
         packet_id = -1
-        while at + ATTR_HEADER.size <= end:
-            length, kind = ATTR_HEADER.unpack_from(buffer, at)
-            if length < ATTR_HEADER.size:
+        while at + ATTR.size <= end:
+            length, kind = ATTR.unpack_from(buffer, at)
+            if length < ATTR.size:
                 break
             kind &= ATTR_TYPE_MASK
             if kind == NFQA_PACKET_HDR:
-                (packet_id,) = PACKET_ID.unpack_from(buffer, at + ATTR_HEADER.size)
+                (packet_id,) = PACKET_ID.unpack_from(buffer, at + ATTR.size)
             elif kind == NFQA_TIMESTAMP:
-                seconds, micros = STAMP.unpack_from(buffer, at + ATTR_HEADER.size)
+                seconds, micros = STAMP.unpack_from(buffer, at + ATTR.size)
                 # The kernel stamps a received packet with wall-clock time; a locally sent
                 # TCP segment may carry its departure time instead, which the check refuses.
                 age = wall - (seconds + micros / 1e6)
@@ -333,7 +330,7 @@ def main() -> int:
     # only stall a release.
     gc.disable()
     try:
-        arming = _await_queue(control, policy) if _say(f"standby {policy}") else None
+        arming = _await_queue(control) if _say(f"standby {policy}") else None
         if arming is None:
             return 0  # the runner went away, or no longer needs a queue held
         sock, counter, queue, delay_s, jitter_s = arming
@@ -377,7 +374,7 @@ def main() -> int:
 
 
 def _await_queue(
-    control: socket.socket, policy: str
+    control: socket.socket,
 ) -> tuple[socket.socket, mmap.mmap, int, float, float] | None:
     """Wait on standby for "QUEUE DELAY_S JITTER_S" with the queue's socket and counter."""
     try:

@@ -21,7 +21,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-NETLINK_NETFILTER: Final = 12
+from depdrill.execute.injectors.netlink import (
+    NETLINK_NETFILTER,
+    NLM_F_ACK,
+    NLM_F_REQUEST,
+    NLMSG,
+    NLMSG_ERROR,
+    attr,
+    error_code,
+    nfnl_message,
+)
+
 NFNL_SUBSYS_NFTABLES: Final = 10
 NFNL_MSG_BATCH_BEGIN: Final = 0x10
 NFNL_MSG_BATCH_END: Final = 0x11
@@ -29,9 +39,6 @@ NFT_MSG_NEWTABLE: Final = 0
 NFT_MSG_DELTABLE: Final = 2
 NFT_MSG_NEWCHAIN: Final = 3
 NFT_MSG_NEWRULE: Final = 6
-NLMSG_ERROR: Final = 2
-NLM_F_REQUEST: Final = 0x1
-NLM_F_ACK: Final = 0x4
 NLM_F_EXCL: Final = 0x200
 NLM_F_CREATE: Final = 0x400
 NLM_F_APPEND: Final = 0x800
@@ -47,9 +54,6 @@ NFQUEUE_REVISION: Final = 3
 FAMILIES: Final = {"ip": socket.AF_INET, "ip6": socket.AF_INET6}  # NFPROTO_IPV4, NFPROTO_IPV6
 HOOKS: Final = {"input": 1, "output": 3}  # NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT
 
-_NLMSG: Final = struct.Struct("=IHHII")
-_NFGEN: Final = struct.Struct("=BBH")
-_ATTR: Final = struct.Struct("=HH")
 _REPLY_BUFFER: Final = 1 << 16
 REPLY_TIMEOUT_S: Final = 5.0
 
@@ -66,7 +70,7 @@ class NetlinkError(Exception):
 class QueueRule:
     """Packets carrying `mark` (all its bits) go to NFQUEUE `queue`, bypassed if none reads."""
 
-    family: str  # "ip" or "ip6": nft_compat takes xtables targets in these, not in inet
+    family: str  # "ip" or "ip6", as iptables-nft: not every kernel takes xt targets in inet
     table: str
     hook: str  # "input" or "output"
     priority: int
@@ -83,21 +87,16 @@ class QueueRule:
         )
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = _ATTR.size + len(payload)
-    return _ATTR.pack(length, kind) + payload + b"\0" * (-length % 4)
-
-
 def _nest(kind: int, *attrs: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(attrs))
+    return attr(kind | NLA_F_NESTED, b"".join(attrs))
 
 
 def _string(kind: int, text: str) -> bytes:
-    return _attr(kind, text.encode() + b"\0")
+    return attr(kind, text.encode() + b"\0")
 
 
 def _u32(kind: int, value: int) -> bytes:
-    return _attr(kind, struct.pack("!I", value))
+    return attr(kind, struct.pack("!I", value))
 
 
 def _expression(name: str, *data: bytes) -> bytes:
@@ -105,18 +104,16 @@ def _expression(name: str, *data: bytes) -> bytes:
 
 
 def _value(kind: int, raw: bytes) -> bytes:
-    return _nest(kind, _attr(1, raw))  # NFTA_DATA_VALUE
+    return _nest(kind, attr(1, raw))  # NFTA_DATA_VALUE
 
 
 def _message(kind: int, family: int, flags: int, seq: int, attrs: bytes) -> bytes:
-    body = _NFGEN.pack(family, 0, 0) + attrs
-    msg_type = (NFNL_SUBSYS_NFTABLES << 8) | kind
-    return _NLMSG.pack(_NLMSG.size + len(body), msg_type, flags, seq, 0) + body
+    return nfnl_message(NFNL_SUBSYS_NFTABLES, kind, family, 0, flags, seq, attrs)
 
 
 def _batch_edge(kind: int, seq: int) -> bytes:
-    body = _NFGEN.pack(socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
-    return _NLMSG.pack(_NLMSG.size + len(body), kind, NLM_F_REQUEST, seq, 0) + body
+    """A batch's begin or end message: no subsystem in its type, nf_tables as its resource."""
+    return nfnl_message(0, kind, socket.AF_UNSPEC, NFNL_SUBSYS_NFTABLES, NLM_F_REQUEST, seq, b"")
 
 
 def queue_rule_messages(rule: QueueRule, seq: int) -> list[bytes]:
@@ -138,7 +135,7 @@ def queue_rule_messages(rule: QueueRule, seq: int) -> list[bytes]:
             _value(5, b"\0" * len(mark)),  # XOR
         ),
         _expression("cmp", _u32(1, NFT_REG_1), _u32(2, NFT_CMP_EQ), _value(3, mark)),
-        _expression("target", _string(1, "NFQUEUE"), _u32(2, NFQUEUE_REVISION), _attr(3, info)),
+        _expression("target", _string(1, "NFQUEUE"), _u32(2, NFQUEUE_REVISION), attr(3, info)),
     )
     return [
         _message(
@@ -240,14 +237,14 @@ class NftSocket:
         while pending:
             reply = self._sock.recv(_REPLY_BUFFER)
             offset = 0
-            while offset + _NLMSG.size <= len(reply):
-                length, kind, _, seq, _ = _NLMSG.unpack_from(reply, offset)
-                if length < _NLMSG.size:
+            while offset + NLMSG.size <= len(reply):
+                length, kind, _, seq, _ = NLMSG.unpack_from(reply, offset)
+                if length < NLMSG.size:
                     break
                 if kind == NLMSG_ERROR and seq in ours:
-                    (code,) = struct.unpack_from("=i", reply, offset + _NLMSG.size)
+                    code = error_code(reply, offset)
                     if code:
-                        raise NetlinkError(-code, what)
+                        raise NetlinkError(code, what)
                     pending.discard(seq)
                 offset += (length + 3) & ~3
 

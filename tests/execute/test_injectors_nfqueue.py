@@ -192,11 +192,9 @@ def test_a_held_datagram_is_released_not_dropped_at_revert(
 ) -> None:
     # Given 2 s on datagrams from the dependency's port 7011, and one of them held
     world = fault_world
-    receiver, sender = _datagram_pair(world, scratch_net)
+    receiver, sender = _datagram_pair(world, scratch_net, sending=7011, receiving=7012)
     with receiver, sender:
-        receiver.bind(("0.0.0.0", 7012))
         receiver.settimeout(1.5)
-        sender.bind((world.dependency, 7011))
         injector = NfqueueLatency()
         fault = LatencyFault(addresses=[world.dependency], ports=[7011], delay_ms=2000)
         handle = injector.apply(fault, world.ctx())
@@ -215,11 +213,9 @@ def test_a_held_datagram_is_released_not_dropped_at_revert(
 def test_jitter_never_reorders_datagrams(fault_world: FaultWorld, scratch_net: ScratchNet) -> None:
     # Given 30 ms +- 25 ms on datagrams from the dependency's port 7009
     world = fault_world
-    receiver, sender = _datagram_pair(world, scratch_net)
+    receiver, sender = _datagram_pair(world, scratch_net, sending=7009, receiving=7010)
     with receiver, sender:
-        receiver.bind(("0.0.0.0", 7010))
         receiver.settimeout(2)
-        sender.bind((world.dependency, 7009))
         service_address = scratch_net.address(2)
         injector = NfqueueLatency()
         fault = LatencyFault(addresses=[world.dependency], ports=[7009], delay_ms=30, jitter_ms=25)
@@ -267,13 +263,20 @@ def test_a_queue_someone_else_reads_is_refused(fault_world: FaultWorld) -> None:
 
 
 def _datagram_pair(
-    world: FaultWorld, scratch_net: ScratchNet
+    world: FaultWorld, scratch_net: ScratchNet, sending: int, receiving: int
 ) -> tuple[socket.socket, socket.socket]:
-    """A UDP socket in the service's namespace and one in the dependency's."""
+    """A UDP socket bound in the service's namespace, and one in the dependency's."""
     with entered(world.service):
         receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with entered(Target(netns=scratch_net.namespaces[1])):
         sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        receiver.bind(("0.0.0.0", receiving))
+        sender.bind((world.dependency, sending))
+    except OSError:
+        receiver.close()
+        sender.close()
+        raise
     return receiver, sender
 
 
