@@ -12,9 +12,14 @@ drop counter shows none were lost before the capture point. Frames go to a MAC t
 the client's, so its IP stack drops them right after the packet taps (no ICMP, no replies).
 
 In the same run each capturer watches the client's eth0: depdrill's live capture (run()
-in a thread, as the CLI runs it), `tcpdump -w` (libpcap's TPACKET_V3 ring, no decoding)
-and scapy's `sniff` with its default per-packet dissection. For each, the highest rate
-captured with < 0.1 % loss is printed, and depdrill's as a ratio of the others. A step
+in a thread, as the CLI runs it, `--tap packet`), `tcpdump -w` (libpcap's TPACKET_V3 ring,
+no decoding) and scapy's `sniff` with its default per-packet dissection. depdrill's nflog
+tap sees only what the client's IP stack takes in (its input and output hooks), so it is
+measured on a second replay of the same recordings, addressed to the client: each frame to
+its MAC, each query with its addresses swapped so it arrives from the server on port 53
+(both checksums unchanged); the packet tap runs on that replay too, for the ratio. For
+each, the highest rate captured with < 0.1 % loss is printed, and depdrill's as a ratio
+of the others. A step
 (--seconds, 3 by default) lasts several times what depdrill's 32 MiB ring holds at these
 rates (under a second), so the ring cannot hide a capture slower than the wire. Offline
 figures give the per-message cost of the fast path against dnspython alone, and a flood
@@ -26,6 +31,7 @@ Run as root: `make bench` or `.venv/bin/python -P bench/capture.py [--quick]`.
 from __future__ import annotations
 
 import argparse
+import json
 import mmap
 import os
 import re
@@ -47,7 +53,7 @@ from pathlib import Path
 from depdrill.discover.correlate import GraphBuilder
 from depdrill.discover.dissect import PacketEvent
 from depdrill.discover.dns import DnsMessage
-from depdrill.discover.run import DiscoverOptions, run
+from depdrill.discover.run import DiscoverOptions, TapChoice, run
 from depdrill.netns import Target
 from depdrill.testing import RUN, scratch_bridge, sh
 
@@ -89,6 +95,7 @@ class Bench:
     client: str
     server: str
     host_end: str  # the client's veth, host side: the sender writes here
+    client_mac: str
     queries: Path
     distinct: Path
     tmp: Path
@@ -121,7 +128,11 @@ def bench_world() -> Iterator[Bench]:
             distinct = tmp / "distinct.txt"  # NXDOMAIN from dnsmasq, a new message every time
             distinct.write_text("".join(f"u{i}.miss.test A\n" for i in range(DISTINCT)))
             time.sleep(0.5)
-            yield Bench(net.subnet, client, server, net.links[0], queries, distinct, tmp)
+            link = sh("ip", "-n", client, "-j", "link", "show", "eth0").stdout
+            client_mac = json.loads(link)[0]["address"]
+            yield Bench(
+                net.subnet, client, server, net.links[0], client_mac, queries, distinct, tmp
+            )
         finally:
             if dnsmasq is not None:
                 dnsmasq.kill()
@@ -148,8 +159,13 @@ def record(bench: Bench, queries: Path, pcap: Path, rate: int, argv: list[str]) 
     return int(re.search(r"(\d+) packets captured", err).group(1))  # type: ignore[union-attr]
 
 
-def pcap_frames(path: Path) -> list[bytes]:
-    """The Ethernet frames of a classic pcap file, each sent to FOREIGN_MAC."""
+def pcap_frames(path: Path, to: bytes = FOREIGN_MAC) -> list[bytes]:
+    """The Ethernet frames of a classic pcap file, each sent to the MAC `to`.
+
+    To another MAC than FOREIGN_MAC (the client's own) every frame is made one the client
+    receives: a query (client to server) gets its IPv4 addresses swapped, which leaves both
+    checksums as they were, so it arrives from the server with destination port 53.
+    """
     data = path.read_bytes()
     order = "<" if data[:4] == bytes.fromhex("d4c3b2a1") else ">"
     at, frames = 24, []
@@ -158,13 +174,15 @@ def pcap_frames(path: Path) -> list[bytes]:
         frame = data[at + 16 : at + 16 + size]
         at += 16 + size
         if len(frame) == size <= TX_FRAME - TX_DATA_AT:
-            frames.append(FOREIGN_MAC + frame[6:])
+            if to != FOREIGN_MAC and frame[12:14] == b"\x08\x00" and frame[36:38] == b"\0\x35":
+                frame = frame[:26] + frame[30:34] + frame[26:30] + frame[34:]
+            frames.append(to + frame[6:])
     return frames
 
 
-def sender(interface: str, pcap: str) -> int:
+def sender(interface: str, pcap: str, to: str) -> int:
     """The replay process: reads "RATE SECONDS" lines, answers "SENT ELAPSED" for each."""
-    frames = pcap_frames(Path(pcap))
+    frames = pcap_frames(Path(pcap), bytes.fromhex(to.replace(":", "")))
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: sends only
     sock.bind((interface, 0))
     sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
@@ -215,10 +233,12 @@ def sender(interface: str, pcap: str) -> int:
 class Replay:
     """A sender process for one recording; `send` replays it and says how much went out."""
 
-    def __init__(self, bench: Bench, pcap: Path) -> None:
+    def __init__(self, bench: Bench, pcap: Path, to_client: bool = False) -> None:
+        """`to_client`: frames the client's IP stack receives (nflog sees only those)."""
         self.bench = bench
+        to = bench.client_mac if to_client else FOREIGN_MAC.hex()
         self.proc = subprocess.Popen(
-            [sys.executable, "-P", __file__, "--sender", bench.host_end, str(pcap)],
+            [sys.executable, "-P", __file__, "--sender", bench.host_end, str(pcap), to],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert self.proc.stdout is not None
@@ -245,6 +265,12 @@ class Replay:
         path = Path(f"/sys/class/net/{self.bench.host_end}/statistics/tx_dropped")
         return int(path.read_text())
 
+    def __enter__(self) -> Replay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
@@ -256,9 +282,16 @@ class Replay:
 Capturer = Callable[[Replay, int, float], tuple[int, int]]
 
 
-def with_depdrill(replay: Replay, rate: int, seconds: float) -> tuple[int, int]:
+def depdrill_with(tap: TapChoice) -> Capturer:
+    """depdrill's live capture through `tap`."""
+    return lambda replay, rate, seconds: with_depdrill(replay, rate, seconds, tap)
+
+
+def with_depdrill(
+    replay: Replay, rate: int, seconds: float, tap: TapChoice = "packet"
+) -> tuple[int, int]:
     bench = replay.bench
-    options = DiscoverOptions(target=Target(netns=bench.client), duration_s=seconds + 60)
+    options = DiscoverOptions(target=Target(netns=bench.client), duration_s=seconds + 60, tap=tap)
     stop, ready = threading.Event(), threading.Event()
     result: dict[str, int] = {}
 
@@ -267,6 +300,7 @@ def with_depdrill(replay: Replay, rate: int, seconds: float) -> tuple[int, int]:
         graph = run(options, stop, ready)
         result["seen"] = graph.capture.dns_messages + graph.capture.malformed
         result["drops"] = graph.capture.kernel_drops
+        assert graph.capture.tap == tap, graph.capture.tap_fallback
         result["cpu_ms"] = int((time.thread_time() - cpu) * 1000)
 
     thread = threading.Thread(target=capture)
@@ -376,7 +410,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter steps")
     parser.add_argument("--seconds", type=float, default=3.0, help="per step")
-    parser.add_argument("--sender", nargs=2, metavar=("IFACE", "PCAP"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--sender", nargs=3, metavar=("IFACE", "PCAP", "MAC"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.sender:
         return sender(*args.sender)
@@ -396,24 +432,28 @@ def main() -> int:
         print(f"recorded dnsperf -> dnsmasq: {recorded} messages on {NAMES} names, "
               f"{recorded_distinct} on {DISTINCT} distinct names; replayed at each rate for "
               f"{seconds:g} s, lossless means < {LOSS_LIMIT:.1%}")  # fmt: skip
-        replay = Replay(bench, names_pcap)
-        try:
-            depdrill = lossless_rate("depdrill", with_depdrill, replay, rates, seconds)
+        with Replay(bench, names_pcap) as replay:
+            depdrill = lossless_rate("depdrill", depdrill_with("packet"), replay, rates, seconds)
             tcpdump = lossless_rate("tcpdump", with_tcpdump, replay, rates, seconds)
             scapy = lossless_rate(
                 "scapy", with_scapy, replay, [1_000, 2_000, 4_000, 8_000, 16_000], seconds
             )
-        finally:
-            replay.close()
-        replay = Replay(bench, distinct_pcap)
-        try:
-            distinct = lossless_rate("depdrill*", with_depdrill, replay, rates, seconds)
-        finally:
-            replay.close()
+        with Replay(bench, distinct_pcap) as replay:
+            distinct = lossless_rate("depdrill*", depdrill_with("packet"), replay, rates, seconds)
+        # The frames the client's stack receives: what an nflog capture can see at all.
+        with Replay(bench, names_pcap, to_client=True) as replay:
+            nflog = lossless_rate("nflog", depdrill_with("nflog"), replay, rates, seconds)
+            packet = lossless_rate("packet", depdrill_with("packet"), replay, rates, seconds)
+        with Replay(bench, distinct_pcap, to_client=True) as replay:
+            nflog_distinct = lossless_rate("nflog*", depdrill_with("nflog"), replay, rates, seconds)
     top = f"the ladder's top ({rates[-1]})"
     print(f"lossless DNS messages/s: depdrill {depdrill} ({NAMES} names), depdrill* {distinct} "
           f"(every message new), tcpdump -w {tcpdump}, scapy sniff {scapy}; a figure at "
           f"{top} or the sender's limit is a floor")  # fmt: skip
+    print(f"frames the client receives: depdrill --tap nflog {nflog} ({NAMES} names), "
+          f"{nflog_distinct} (every message new), --tap packet {packet}")  # fmt: skip
+    if packet:
+        print(f"nflog / packet on those frames: {nflog / packet:.2f}")
     if tcpdump:
         print(f"depdrill / tcpdump -w: {depdrill / tcpdump:.2f}")
     if scapy:

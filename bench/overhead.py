@@ -1,8 +1,11 @@
 """The service's own p99 latency while depdrill captures in its namespace, against without.
 
 A tiny HTTP service in a throwaway namespace resolves a name through dnsmasq (in a second
-namespace) for every request, so each request puts two DNS messages and a SYN (the one the
-service accepts: the filter keeps it in the kernel) in front of the capture. The load is
+namespace) for every request (or every Nth, `--lookup-every N`: a service that caches its
+lookups), so each request puts two DNS messages and a SYN (the one the service accepts:
+the filter keeps it in the kernel) in front of the capture. Every request resolving is the
+hard case for the nflog tap: a packet it logs costs the service more than one the packet
+socket copies (bench/tapcost.py, `dns`), while every other packet costs it less. The load is
 open-loop at a fixed rate (RATE requests/s, a quarter of what the service can take here),
 one connection per request, as a production host sees it: a request starts at its
 scheduled time whatever the one before it did, and when the one before it ran past that
@@ -15,24 +18,26 @@ back to back, closed-loop: the load loop, the service and dnsmasq then kept a co
 between them, and on 2 cores any CPU the capture used at all showed up as latency, which
 is not what a service that is not saturated sees.
 
-The run is a series of cycles; each cycle runs three short rounds in a fresh random order:
-`off` (no capture), `again` (no capture either: the calibration) and `capture` (a
-`depdrill.discover.run` in its own process, as the CLI runs it, started before the round
-and ready before its first request). Drift and other load on the box hit all three alike.
-Printed: the pooled p50s and p99s, `again/off` (what the bench calls a difference when
-there is none: its noise) next to `capture/off`, each p99 ratio with a 95 % bootstrap
-interval (cycles resampled with replacement, so each resample keeps the rounds that ran
-side by side together), and whether the target (a rise of at most 2 %) is met: only when
-the whole interval is under 1.02; "not resolved" when the interval straddles it.
+The run is a series of cycles; each cycle runs its short rounds in a fresh random order:
+`off` (no capture), `again` (no capture either: the calibration) and one per tap (`--taps`,
+default both): `nflog` and `packet`, each a `depdrill.discover.run` with that tap in its own
+process, as the CLI runs it, started before the round and ready before its first request.
+Drift and other load on the box hit every arm alike. Printed: the pooled p50s and p99s,
+`again/off` (what the bench calls a difference when there is none: its noise) next to each
+`<tap>/off`, each p99 ratio with a 95 % bootstrap interval (cycles resampled with
+replacement, so each resample keeps the rounds that ran side by side together), and
+whether the target (a rise of at most 2 %) is met: only when the whole interval is under
+1.02; "not resolved" when the interval straddles it.
 By default every process floats over every CPU, as on a host. `--pin` is the harsh case
 for a 2-core box: the load on one CPU, and the service, dnsmasq and the capture confined
 to the other, so the capture's packet loop can only ever run on the service's own CPU.
-`--tap-only` opens the capture's socket, filter and ring and never reads them: the
-kernel's share of the cost, apart from the packet loop's (bench/tapcost.py prices it per
-packet).
+`--tap-only` opens each tap (socket, filter and ring; or rules and NFLOG group) and never
+reads it: the kernel's share of the cost, apart from the packet loop's (bench/tapcost.py
+prices it per packet).
 
 Run as root, under the bench lock: `flock /tmp/depdrill-bench.lock .venv/bin/python -P
-bench/overhead.py [--rate N] [--seconds S] [--cycles N] [--pin] [--tap-only]`.
+bench/overhead.py [--rate N] [--seconds S] [--cycles N] [--lookup-every N]
+[--taps nflog,packet] [--pin] [--tap-only]`.
 """
 
 from __future__ import annotations
@@ -55,11 +60,11 @@ from depdrill.testing import RUN, scratch_bridge
 PORT = 8080
 TARGET_RISE = 0.02
 RATE = 2000
-ARMS = ("off", "again", "capture")
+TAPS = ("nflog", "packet")
 
 SERVICE = """
 import socket, sys, os
-resolver = sys.argv[1]
+resolver, every = sys.argv[1], int(sys.argv[2])
 # api.bnch.test A, ID 0 (replaced per request)
 query = bytes.fromhex("000001000001000000000000" "0361706904626e636804746573740000010001")
 dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -72,8 +77,9 @@ while True:
     conn, _ = server.accept()
     conn.recv(4096)
     n = (n + 1) & 0xFFFF
-    dns.send(n.to_bytes(2, "big") + query[2:])
-    dns.recv(512)
+    if n % every == 0:
+        dns.send(n.to_bytes(2, "big") + query[2:])
+        dns.recv(512)
     conn.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok")
     conn.close()
 """
@@ -85,7 +91,7 @@ CAPTURE = """
 import resource, sys, threading
 from depdrill.discover.run import DiscoverOptions, run
 from depdrill.netns import Target
-options = DiscoverOptions(target=Target(netns=sys.argv[1]), duration_s=3600)
+options = DiscoverOptions(target=Target(netns=sys.argv[1]), duration_s=3600, tap=sys.argv[2])
 print("ready", flush=True)
 def cpu():
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -102,20 +108,23 @@ for line in sys.stdin:
     stop.set()
     thread.join()
     capture = graphs[0].capture
+    assert capture.tap == sys.argv[2], capture.tap_fallback
     counts = capture.dns_messages, capture.kernel_drops, ",".join(capture.interfaces), used
     print(*counts, flush=True)
 """
 
-# --tap-only: the same socket, filter and ring, never read: the kernel's share of the cost.
+# --tap-only: the same tap (socket, filter and ring; or rules and group), never read: the
+# kernel's share of the cost.
 TAP_ONLY = """
 import sys
-from depdrill.discover.capture import LiveCapture
+from depdrill.discover.run import open_tap
 from depdrill.netns import Target
 print("ready", flush=True)
 for line in sys.stdin:
-    with LiveCapture.open(Target(netns=sys.argv[1])) as capture:
-        print("capturing", flush=True)
-        sys.stdin.readline()
+    capture, _ = open_tap(Target(netns=sys.argv[1]), sys.argv[2])
+    print("capturing", flush=True)
+    sys.stdin.readline()
+    capture.close()
     print(0, capture.kernel_drops, ",".join(capture.interfaces), 0, flush=True)
 """
 
@@ -136,7 +145,7 @@ def _start(argv: list[str], **kwargs: Any) -> subprocess.Popen[str]:
 
 
 @contextmanager
-def world(pin: list[str]) -> Iterator[World]:
+def world(pin: list[str], lookup_every: int = 1) -> Iterator[World]:
     """The service (.10) and dnsmasq (.53) on a bridge whose host side is .1; `pin`: taskset."""
     procs: list[subprocess.Popen[str]] = []
     with scratch_bridge(0, f"ddto{RUN}") as net:
@@ -152,7 +161,7 @@ def world(pin: list[str]) -> Iterator[World]:
                 )
             )  # fmt: skip
             time.sleep(0.3)
-            service_argv = [sys.executable, "-c", SERVICE, net.address(53)]
+            service_argv = [sys.executable, "-c", SERVICE, net.address(53), str(lookup_every)]
             procs.append(_start(["ip", "netns", "exec", service, *pin, *service_argv]))
             yield World(service, net.address(10))
         finally:
@@ -240,12 +249,52 @@ def bootstrap(num: Arm, den: Arm, resamples: int, rng: random.Random) -> tuple[f
     return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
 
 
+@dataclass
+class Tap:
+    """A capture arm: its process (one per tap, for the whole run) and what it reported."""
+
+    proc: subprocess.Popen[str]
+    arm: Arm = field(default_factory=Arm)
+    seen: int = 0
+    drops: int = 0
+    cpu: float = 0.0
+    interfaces: str = ""
+
+    def round(self, address: str, rate: int, seconds: float) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("start\n")
+        self.proc.stdin.flush()
+        if "capturing" not in self.proc.stdout.readline():
+            raise RuntimeError("the capture did not start")
+        self.arm.rounds.append(sorted(load(address, rate, seconds)))
+        self.proc.stdin.write("stop\n")
+        self.proc.stdin.flush()
+        messages, lost, self.interfaces, used = self.proc.stdout.readline().split()
+        self.seen, self.drops = self.seen + int(messages), self.drops + int(lost)
+        self.cpu += float(used)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        self.proc.wait(30)
+        self.proc.stdout.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=int, default=RATE, help="requests/s, open-loop")
     parser.add_argument("--seconds", type=float, default=0.5, help="per round")
     parser.add_argument("--cycles", type=int, default=100, help="rounds of each arm")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument(
+        "--lookup-every",
+        type=int,
+        default=1,
+        help="the service resolves its dependency on every Nth request (1: on each)",
+    )
+    parser.add_argument(
+        "--taps", default=",".join(TAPS), help=f"capture arms, comma-separated: {', '.join(TAPS)}"
+    )
     parser.add_argument(
         "--pin", action="store_true", help="load on one CPU; service, dnsmasq, capture on the rest"
     )
@@ -255,6 +304,9 @@ def main() -> int:
         help="open the capture, never read it (the kernel's part)",
     )
     args = parser.parse_args()
+    chosen = [t for t in args.taps.split(",") if t]
+    if not chosen or set(chosen) - set(TAPS):
+        parser.error(f"--taps takes {', '.join(TAPS)}")
     if os.geteuid() != 0:
         print("bench/overhead.py needs root (network namespaces)")
         return 2
@@ -263,77 +315,76 @@ def main() -> int:
     pin: list[str] = []
     if args.pin and len(cpus) > 1:
         pin = ["taskset", "-c", ",".join(map(str, cpus[1:]))]
-    arms = {name: Arm() for name in ARMS}
-    seen = drops = 0
-    capture_cpu = 0.0
-    interfaces = ""
+    off, again = Arm(), Arm()
     rng = random.Random()
     started = time.monotonic()
-    with world(pin) as w:
-        capture = _start(
-            [*pin, sys.executable, "-P", "-c", TAP_ONLY if args.tap_only else CAPTURE, w.service],
-            stdin=subprocess.PIPE,
-        )
-        assert capture.stdin is not None and capture.stdout is not None
+    script = TAP_ONLY if args.tap_only else CAPTURE
+    if args.lookup_every < 1:
+        parser.error("--lookup-every takes a positive count")
+    with world(pin, args.lookup_every) as w:
+        taps = {
+            name: Tap(
+                _start(
+                    [*pin, sys.executable, "-P", "-c", script, w.service, name],
+                    stdin=subprocess.PIPE,
+                )
+            )
+            for name in chosen
+        }
         if pin:
             os.sched_setaffinity(0, cpus[:1])
         load(w.address, args.rate, 1.0)  # warm up: caches, the first dnsmasq answers
+        names = ["off", "again", *taps]
         for _ in range(args.cycles):
-            order = list(ARMS)
-            rng.shuffle(order)
-            for name in order:
-                if name != "capture":
-                    arms[name].rounds.append(sorted(load(w.address, args.rate, args.seconds)))
-                    continue
-                capture.stdin.write("start\n")
-                capture.stdin.flush()
-                if "capturing" not in capture.stdout.readline():
-                    raise RuntimeError("the capture did not start")
-                arms[name].rounds.append(sorted(load(w.address, args.rate, args.seconds)))
-                capture.stdin.write("stop\n")
-                capture.stdin.flush()
-                messages, lost, interfaces, used = capture.stdout.readline().split()
-                seen, drops = seen + int(messages), drops + int(lost)
-                capture_cpu += float(used)
-        capture.stdin.close()
-        capture.wait(30)
-        capture.stdout.close()
+            rng.shuffle(names)
+            for name in names:
+                if name in taps:
+                    taps[name].round(w.address, args.rate, args.seconds)
+                else:
+                    arm = off if name == "off" else again
+                    arm.rounds.append(sorted(load(w.address, args.rate, args.seconds)))
+        for tap in taps.values():
+            tap.close()
     elapsed = time.monotonic() - started
-    off, again, captured = arms["off"], arms["again"], arms["capture"]
     requests = sum(map(len, off.rounds))
     print(
         f"{requests} requests per arm at {args.rate}/s open-loop, {args.cycles} cycles of "
-        f"three {args.seconds:g} s rounds (off, again, capture) in random order, "
-        f"{elapsed:.0f} s; load on CPU {cpus[0] if pin else 'any'}"
+        f"{len(names)} {args.seconds:g} s rounds ({', '.join(['off', 'again', *taps])}) in "
+        f"random order, {elapsed:.0f} s; load on CPU {cpus[0] if pin else 'any'}; a lookup "
+        f"every {args.lookup_every} request(s)"
+        + ("; taps opened, never read" if args.tap_only else "")
     )
-    expected = 2 * sum(map(len, captured.rounds))
-    print(
-        f"depdrill saw {seen} DNS messages ({expected} expected), kernel drops {drops}, "
-        f"capturing on {interfaces}; the capture process took "
-        f"{capture_cpu / (args.cycles * args.seconds):.1%} of a CPU while capturing"
-    )
+    for name, tap in taps.items():
+        expected = 2 * sum(map(len, tap.arm.rounds)) // args.lookup_every
+        about = "" if args.lookup_every == 1 else "about "
+        print(
+            f"{name}: depdrill saw {tap.seen} DNS messages ({about}{expected} expected), "
+            f"kernel drops {tap.drops}, capturing on {tap.interfaces}; the capture process took "
+            f"{tap.cpu / (args.cycles * args.seconds):.1%} of a CPU while capturing"
+        )
     for q, label in ((0.5, "p50"), (0.99, "p99")):
         base = off.pooled(q)
+        arms = [("again", again), *((n, t.arm) for n, t in taps.items())]
         print(
-            f"{label}: off {base:.0f} µs, again {again.pooled(q):.0f} µs "
-            f"(x{again.pooled(q) / base:.3f}), capture {captured.pooled(q):.0f} µs "
-            f"(x{captured.pooled(q) / base:.3f})"
+            f"{label}: off {base:.0f} µs, "
+            + ", ".join(f"{n} {a.pooled(q):.0f} µs (x{a.pooled(q) / base:.3f})" for n, a in arms)
         )
     everything = list(range(args.cycles))
-    calibration = tail_ratio(again, off, everything)
-    low_aa, high_aa = bootstrap(again, off, args.resamples, rng)
-    rise = tail_ratio(captured, off, everything)
-    low, high = bootstrap(captured, off, args.resamples, rng)
-    print(f"p99 again/off   {calibration:.3f}, 95 % interval [{low_aa:.3f}, {high_aa:.3f}]")
-    print(f"p99 capture/off {rise:.3f}, 95 % interval [{low:.3f}, {high:.3f}]")
     limit = 1 + TARGET_RISE
-    if high <= limit:
-        verdict = "met"
-    elif low > limit:
-        verdict = "NOT met"
-    else:
-        verdict = "not resolved (the interval straddles it)"
-    print(f"target p99 capture/off <= {limit:.2f}: {verdict}")
+    for name, arm in [("again", again), *((n, t.arm) for n, t in taps.items())]:
+        rise = tail_ratio(arm, off, everything)
+        low, high = bootstrap(arm, off, args.resamples, rng)
+        if name == "again":
+            verdict = "the bench's noise"
+        elif high <= limit:
+            verdict = f"target <= {limit:.2f} met"
+        elif low > limit:
+            verdict = f"target <= {limit:.2f} NOT met"
+        else:
+            verdict = f"target <= {limit:.2f} not resolved (the interval straddles it)"
+        print(
+            f"p99 {name + '/off':12} {rise:.3f}, 95 % interval [{low:.3f}, {high:.3f}]: {verdict}"
+        )
     return 0
 
 

@@ -1,8 +1,9 @@
 """What a packet tap in the service's namespace costs the service, per packet and why.
 
 A service (a namespace on a bridge, as a container sits on docker0) answers a client (a
-second namespace) four ways: `udp` ping-pong (its replies are UDP it sends, so they pass
-discovery's filter and are copied to the ring), `rr` request-response on one TCP
+second namespace) five ways: `udp` ping-pong (its replies are UDP it sends, so they pass
+discovery's filter and are copied to the ring), `dns` the same on port 53 (both ways kept
+by discovery, every packet), `rr` request-response on one TCP
 connection (data segments: the filter refuses every one), `crr` a connection per request
 (the HTTP shape of bench/overhead.py: SYN, data, FIN both ways) and `lo` request-response
 over loopback inside the service's namespace (a sidecar, a local cache: nothing discovery
@@ -29,9 +30,10 @@ transaction puts through the service's interfaces, to read a cost per packet:
   service sends arrives, ignoring outgoing packets too;
 - `live`: LiveCapture.open as discovery runs it (bound to eth0, the namespace's only
   interface, so loopback traffic never meets the tap);
-- `nflog`: no tap, but an nft table whose rules send DNS, the service's UDP and its SYNs to
-  an NFLOG group (another way to capture; no listener here, so it prices the rule tests the
-  service's other packets meet, nothing more);
+- `nflog`: no tap, but discovery's other capture as it runs (NflogCapture.open, never
+  read here): an nft table whose rules log DNS, the service's UDP, its SYNs and its
+  ClientHellos to an NFLOG group bound by depdrill, so every other packet of the service
+  meets a few rule tests, and nothing more;
 - `tstamp`: no tap, but a socket with SO_TIMESTAMP open on the host, which switches on
   the kernel's receive timestamps (netstamp_needed_key) for every packet.
 
@@ -62,16 +64,16 @@ from depdrill.discover.capture import (
     bpf_filter,
     compile_bpf,
 )
-from depdrill.execute.injectors.libnftables import NftContext
+from depdrill.discover.nflog import NflogCapture
 from depdrill.netns import Target, entered
 from depdrill.testing import RUN, ScratchNet, scratch_bridge
 
 SO_TIMESTAMP = 29
 PACKET_IGNORE_OUTGOING = 23  # Linux 4.20+: the tap skips outgoing packets before any clone
-PORTS = {"udp": 9000, "rr": 9001, "crr": 9002}
+PORTS = {"udp": 9000, "rr": 9001, "crr": 9002, "dns": 53}
 # Transactions per round: a round lasts 15-25 ms, short enough that the box's slow drifts
 # hit every arm alike within a cycle.
-ROUND = {"udp": 1000, "rr": 1000, "crr": 250, "lo": 1000}
+ROUND = {"udp": 1000, "rr": 1000, "crr": 250, "lo": 1000, "dns": 1000}
 KINDS = tuple(ROUND)
 
 SERVER = """
@@ -80,11 +82,13 @@ def listener(port):
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("0.0.0.0", port)); s.listen(512); return s
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); udp.bind(("0.0.0.0", {udp}))
+dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); dns.bind(("0.0.0.0", {dns}))
 rr, crr = listener({rr}), listener({crr})
 print("ready", flush=True)
-if os.fork() == 0:
-    while True:
-        data, peer = udp.recvfrom(2048); udp.sendto(data, peer)
+for echo in (udp, dns):
+    if os.fork() == 0:
+        while True:
+            data, peer = echo.recvfrom(2048); echo.sendto(data, peer)
 if os.fork() == 0:
     while True:
         conn, _ = rr.accept(); conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -101,6 +105,7 @@ CLIENT = """
 import socket, sys, time
 server = sys.argv[1]
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); udp.connect((server, {udp}))
+dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); dns.connect((server, {dns}))
 rr = socket.create_connection((server, {rr}))
 rr.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 clock = time.perf_counter_ns
@@ -111,6 +116,8 @@ for line in sys.stdin:
         t = clock()
         if kind == "udp":
             udp.send(b"p" * 64); udp.recv(2048)
+        elif kind == "dns":
+            dns.send(b"p" * 64); dns.recv(2048)
         elif kind == "rr":
             rr.sendall(b"p" * 64); rr.recv(4096)
         else:
@@ -130,23 +137,6 @@ EARLIER_FILTER = (
     " or (ip6 and ip6[6] = 6 and ip6[40 + ((ip6[52] & 0xf0) >> 2)] = 0x16"
     " and ip6[45 + ((ip6[52] & 0xf0) >> 2)] = 1) or udp) and (src host {}))"
 )
-
-
-NFLOG_RULESET = """table inet {table} {{
-\tflags owner;
-\tchain in {{
-\t\ttype filter hook input priority 0; policy accept;
-\t\tudp sport 53 log group 53
-\t\ttcp sport 53 log group 53
-\t}}
-\tchain out {{
-\t\ttype filter hook output priority 0; policy accept;
-\t\tmeta l4proto udp log group 53
-\t\ttcp dport 53 log group 53
-\t\ttcp flags & (syn | ack) == syn log group 53
-\t}}
-}}
-"""
 
 
 def packet_socket(
@@ -186,12 +176,7 @@ def arms(net: ScratchNet, service: str) -> dict[str, Arm]:
         stack.enter_context(LiveCapture.open(target))
 
     def nflog(stack: ExitStack) -> None:
-        # The other mechanism: netfilter rules that pass only what discovery wants to an
-        # NFLOG group, so the service's other packets meet a few rule tests, no packet hook.
-        with entered(target):
-            nft = NftContext()
-        stack.callback(nft.close)
-        nft.run(NFLOG_RULESET.format(table=f"ddtc{RUN}"))
+        stack.enter_context(NflogCapture.open(target))
 
     def tstamp(stack: ExitStack) -> None:
         sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))

@@ -11,7 +11,7 @@ import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -20,6 +20,9 @@ from depdrill.artifact import Artifact, atomic_write, load_json, read_text, to_j
 from depdrill.console import Console
 from depdrill.errors import DepdrillError, InputError
 from depdrill.netns import Target
+
+if TYPE_CHECKING:
+    from depdrill.discover.run import TapChoice
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -178,6 +181,15 @@ def lab_status(prefix: str, as_json: bool) -> None:
     "-o", "--output", type=click.Path(path_type=Path), default=Path("graph.json"), show_default=True
 )
 @click.option("--append", is_flag=True, help="Merge into the graph already at --output.")
+@click.option(
+    "--tap",
+    type=click.Choice(["auto", "nflog", "packet"]),
+    default="auto",
+    show_default=True,
+    help="How packets reach depdrill: nft rules logging only what discovery reads (nflog: "
+    "the service's other packets pay a few rule tests), or a packet socket with a BPF filter "
+    "(every packet pays the tap); auto: nflog unless it cannot be used there.",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def discover(
     netns: str | None,
@@ -187,6 +199,7 @@ def discover(
     resolver: str | None,
     output: Path,
     append: bool,
+    tap: TapChoice,
     command: tuple[str, ...],
 ) -> None:
     """Sniff a service's DNS and connections; write its dependency graph.
@@ -206,12 +219,15 @@ def discover(
     if command:
         from depdrill.discover import launch
 
-        options = launch.CommandOptions(resolver=resolver, duration_s=duration)
+        options = launch.CommandOptions(resolver=resolver, duration_s=duration, tap=tap)
         with console.step(f"running and capturing {' '.join(command)!r}"):
             graph = _until_interrupted(lambda stop: launch.run_command(command, options, stop))
     else:
         live = discover_run.DiscoverOptions(
-            target=target, pcap=pcap, duration_s=duration if duration is not None else 30
+            target=target,
+            pcap=pcap,
+            duration_s=duration if duration is not None else 30,
+            tap=tap,
         )
         with console.step(f"capturing from {target.describe() if target else pcap}"):
             graph = _until_interrupted(lambda stop: discover_run.run(live, stop))

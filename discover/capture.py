@@ -1,5 +1,8 @@
 """Packets in: live from the target namespace (AF_PACKET + kernel BPF), or from pcap/pcapng.
 
+The packet-socket tap (`--tap packet`, and the fallback where nflog cannot be used; the
+default tap is nflog.py's, which costs the service's other packets less).
+
 The only module that touches scapy, and only lazily: libpcap (through scapy) compiles the
 filter, scapy reads capture files. The live socket is a cooked (SOCK_DGRAM) packet socket
 opened inside the target namespace, so every frame arrives as an IP packet whatever the
@@ -147,7 +150,7 @@ def attach_bpf(sock: socket.socket, instructions: bytes) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)  # copied: `program` may go
 
 
-class _Priority:
+class Priority:
     """This thread's scheduling: SCHED_IDLE while the ring keeps up, its own policy otherwise.
 
     At SCHED_IDLE the packet loop runs only on CPU nothing else wants, so the service it
@@ -189,6 +192,8 @@ def _may_leave_idle() -> bool:
 class LiveCapture:
     """A packet socket in the target's namespace with the BPF filter attached."""
 
+    tap: Final = "packet"
+
     def __init__(
         self,
         sock: socket.socket,
@@ -226,7 +231,7 @@ class LiveCapture:
                     "cannot open a packet socket: needs CAP_NET_RAW (run as root)"
                 ) from None
             try:
-                addresses = _namespace_addresses()
+                addresses = namespace_addresses()
                 capture = cls(sock, interfaces, addresses, bound)
                 capture._configure()
             except BaseException:
@@ -270,11 +275,11 @@ class LiveCapture:
     ) -> Iterator[tuple[float, bytes]]:
         """(time, IP packet) until `duration_s` passes or `stop` is set; lo is skipped.
 
-        `background`: read the ring at SCHED_IDLE while it keeps up (see _Priority); the
+        `background`: read the ring at SCHED_IDLE while it keeps up (see Priority); the
         consumer runs in this generator's thread, so its work is background work too.
         """
         if self._ring is not None:
-            priority = _Priority() if background else None
+            priority = Priority() if background else None
             yield from self._ring_frames(self._ring, duration_s, stop, priority)
             return
         buffer = bytearray(1 << 18)  # GRO can hand over 64 KiB+ super-packets
@@ -318,7 +323,7 @@ class LiveCapture:
         ring: _Ring,
         duration_s: float,
         stop: threading.Event | None,
-        priority: _Priority | None,
+        priority: Priority | None,
     ) -> Iterator[tuple[float, bytes]]:
         deadline = time.monotonic() + duration_s
         last_stats = time.monotonic()
@@ -478,7 +483,7 @@ class _Ring:
         self._map.close()
 
 
-def _namespace_addresses() -> list[str]:
+def namespace_addresses() -> list[str]:
     """This thread's namespace's own addresses (the service sends from these)."""
     from pyroute2 import IPRoute
 

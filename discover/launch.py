@@ -28,7 +28,7 @@ from pydantic import Field
 
 from depdrill.artifact import Frozen
 from depdrill.discover.model import Graph
-from depdrill.discover.run import DiscoverOptions, run
+from depdrill.discover.run import DiscoverOptions, TapChoice, run
 from depdrill.errors import CapabilityError, InputError, TargetError
 from depdrill.netns import Target
 
@@ -71,6 +71,7 @@ class CommandOptions(Frozen):
     max_names: int = Field(default=10_000, ge=1)
     forward: bool = False
     prefix: str = "dd"
+    tap: TapChoice = "auto"
 
 
 def _ip(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -224,6 +225,7 @@ def run_command(
             duration_s=options.duration_s or FOREVER_S,
             label=options.label or Path(argv[0]).name,
             max_names=options.max_names,
+            tap=options.tap,
         )
         ready = threading.Event()
         result: dict[str, Graph | BaseException] = {}

@@ -175,7 +175,13 @@ class CaptureStats(Frozen):
     started: datetime
     ended: datetime
     interfaces: list[str] = []
+    # How packets came in: "nflog" (nft rules in the namespace, `nft_ruleset`), "packet" (a
+    # packet socket, `bpf_filter`); "" for a capture file. `tap_fallback`: why nflog was not
+    # used when it was asked for by "auto".
+    tap: str = ""
+    tap_fallback: str = ""
     bpf_filter: str = ""
+    nft_ruleset: str = ""
     packets: int = 0
     dns_messages: int = 0
     malformed: int = 0

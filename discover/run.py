@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from pydantic import Field, model_validator
 
@@ -29,7 +30,10 @@ from depdrill.discover.model import (
     Seen,
 )
 from depdrill.discover.packets import Segment, decode_ip, ipv4_text
+from depdrill.errors import CapabilityError
 from depdrill.netns import Target
+
+TapChoice = Literal["auto", "nflog", "packet"]
 
 
 class DiscoverOptions(Frozen):
@@ -40,6 +44,11 @@ class DiscoverOptions(Frozen):
     duration_s: float = Field(default=30.0, gt=0)
     label: str | None = None
     max_names: int = Field(default=10_000, ge=1)
+    # Live only: how packets reach discovery. "nflog": nft rules in the namespace log what
+    # discovery reads (the service's other packets pay a few rule tests); "packet": a
+    # packet socket with a BPF filter (every packet on its devices pays the tap's hook);
+    # "auto": nflog where it can be used, else the packet socket, and the graph says why.
+    tap: TapChoice = "auto"
     # Offline only: the service's own addresses, when guessing them from who sends DNS
     # queries is not enough (a capture taken on a host with several clients).
     service_addresses: list[str] = []
@@ -79,7 +88,8 @@ def run(
         return graph
     assert options.target is not None
     started = utcnow()
-    with LiveCapture.open(options.target) as capture:
+    capture, fallback = open_tap(options.target, options.tap)
+    with contextlib.closing(capture):
         builder = GraphBuilder(
             capture.service_addresses, options.service_label(), max_names=options.max_names
         )
@@ -92,13 +102,53 @@ def run(
             started=started,
             ended=utcnow(),
             interfaces=capture.interfaces,
-            bpf_filter=capture.filter,
+            tap=capture.tap,
+            tap_fallback=fallback,
+            bpf_filter=capture.filter if capture.tap == "packet" else "",
+            nft_ruleset=capture.filter if capture.tap == "nflog" else "",
             packets=capture.packet_count,
             dns_messages=dissector.dns_messages,
             malformed=dissector.malformed,
             kernel_drops=capture.kernel_drops,
         )
     return builder.build(options.describe(), options.target, stats)
+
+
+class Tap(Protocol):
+    """A live capture, whichever way its packets come in."""
+
+    @property
+    def tap(self) -> str: ...
+
+    interfaces: list[str]
+    service_addresses: list[str]
+    filter: str
+    kernel_drops: int
+    packet_count: int
+
+    def frames(
+        self, duration_s: float, stop: threading.Event | None = None, background: bool = False
+    ) -> Iterator[tuple[float, bytes]]: ...
+
+    def close(self) -> None: ...
+
+
+def open_tap(target: Target, choice: TapChoice = "auto") -> tuple[Tap, str]:
+    """The capture `choice` asks for, and with "auto" why nflog was not it ("" when it was)."""
+    from depdrill.discover.nflog import NflogCapture, NflogUnavailable
+
+    if choice == "packet":
+        return LiveCapture.open(target), ""
+    try:
+        return NflogCapture.open(target), ""
+    except NflogUnavailable as exc:
+        if choice == "nflog":
+            raise
+        why = str(exc)
+    try:
+        return LiveCapture.open(target), why
+    except CapabilityError as exc:
+        raise CapabilityError(f"{exc} (and nflog: {why})") from None
 
 
 def _offline(options: DiscoverOptions, path: Path) -> Graph:
@@ -217,7 +267,11 @@ def merge(old: Graph, new: Graph) -> Graph:
         started=min(old.capture.started, new.capture.started),
         ended=max(old.capture.ended, new.capture.ended),
         interfaces=sorted(set(old.capture.interfaces) | set(new.capture.interfaces)),
+        # How packets came in: the latest capture's way (the daemon's captures share one).
+        tap=new.capture.tap or old.capture.tap,
+        tap_fallback=new.capture.tap_fallback if new.capture.tap else old.capture.tap_fallback,
         bpf_filter=new.capture.bpf_filter or old.capture.bpf_filter,
+        nft_ruleset=new.capture.nft_ruleset or old.capture.nft_ruleset,
         packets=old.capture.packets + new.capture.packets,
         dns_messages=old.capture.dns_messages + new.capture.dns_messages,
         malformed=old.capture.malformed + new.capture.malformed,

@@ -108,7 +108,7 @@ def _setns(target: Target) -> str:
 
 
 def _libnftables(target: Target) -> str:
-    from depdrill.execute.injectors.libnftables import LIBRARY, NftContext
+    from depdrill.libnftables import LIBRARY, NftContext
 
     with entered(target):
         nft = NftContext()
@@ -119,7 +119,7 @@ def _libnftables(target: Target) -> str:
 
 
 def _owner_tables(target: Target) -> str:
-    from depdrill.execute.injectors.libnftables import NftContext
+    from depdrill.libnftables import NftContext
 
     with entered(target):
         owner, other = NftContext(), NftContext()
@@ -135,7 +135,7 @@ def _owner_tables(target: Target) -> str:
 
 
 def _egress_hook(target: Target) -> str:
-    from depdrill.execute.injectors.libnftables import NftContext, NftError
+    from depdrill.libnftables import NftContext, NftError
 
     with entered(target):
         nft = NftContext()

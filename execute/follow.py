@@ -100,6 +100,8 @@ class AddressFollower:
 
     def _follow(self) -> None:
         try:
+            # The packet socket, never nflog: ending an nflog capture unregisters netfilter
+            # hooks, and the kernel then drops what a latency fault's queue holds.
             capture = LiveCapture.open(self.target)
         except (DepdrillError, OSError) as exc:
             self._note(f"cannot follow {self.name}: {exc}")

@@ -143,19 +143,21 @@ class Daemon:
         watch = self._watches[service.name]
         if not watch.warm(self._stop):
             return
-        graph = watch.snapshot()
-        if self.on_snapshot is not None:
-            self.on_snapshot(service.name)
-        previous = self._last.get(service.name) or _latest(history, service.name)
+        # What the service does while faults are on, and the scan's own probes and proofs,
+        # are not its everyday footprint: no capture runs during the scan (and an nflog
+        # capture must not end while a fault's queue holds packets), the next period starts
+        # after it.
+        graph = watch.snapshot(pause=True)
         try:
+            if self.on_snapshot is not None:
+                self.on_snapshot(service.name)
+            previous = self._last.get(service.name) or _latest(history, service.name)
             done = scan(service, graph, watch.target, history, previous, self._stop)
         except Exception as exc:  # a daemon outlives a bug in one scan; the line says where
             log.error("service %s: scan crashed: %s: %s", service.name, type(exc).__name__, exc)
             return
         finally:
-            # What the service did while faults were on, and the scan's own probes and
-            # proofs, are not its everyday footprint: the next period starts after the scan.
-            watch.snapshot()
+            watch.resume()
         self.scans_done += 1
         summary = done.stored.summary
         if done.stored.results is not None:

@@ -22,7 +22,10 @@ class Watch:
 
     A scan takes the graph with `snapshot()`: the window in progress is closed early so the
     snapshot holds everything up to now, and the next period starts empty, so a dependency
-    the service stopped calling shows up as gone in the next scan.
+    the service stopped calling shows up as gone in the next scan. With `pause=True` no
+    window opens again until `resume()`: a scan's faults are not the service's everyday
+    footprint, and an nflog capture must not end while a latency fault's queue holds
+    packets in the namespace (the kernel drops them when a netfilter hook goes).
     """
 
     def __init__(self, service: ServiceConfig, settings: DaemonSettings) -> None:
@@ -37,6 +40,7 @@ class Watch:
         self._stop = threading.Event()
         self._window_stop = threading.Event()
         self._cut = False
+        self._paused = False
         self._ready = threading.Event()
         self._thread = threading.Thread(
             target=self._loop, name=f"watch-{service.name}", daemon=True
@@ -49,6 +53,8 @@ class Watch:
         """Ask the thread to end (the window in progress closes within a poll)."""
         self._stop.set()
         self._window_stop.set()
+        with self._changed:
+            self._changed.notify_all()
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self.halt()
@@ -60,10 +66,12 @@ class Watch:
         left = self.period_started + self.settings.warmup_s - time.monotonic()
         return not stop.wait(left) if left > 0 else not stop.is_set()
 
-    def snapshot(self, timeout_s: float = 10.0) -> Graph | None:
-        """Close the window in progress and take the period's graph (None: nothing captured)."""
+    def snapshot(self, timeout_s: float = 10.0, pause: bool = False) -> Graph | None:
+        """Close the window in progress and take the period's graph (None: nothing captured);
+        `pause`: and open no other until `resume()`."""
         with self._changed:
             before = self.windows
+            self._paused = self._paused or pause
             self._cut = True
             self._window_stop.set()
             self._changed.wait_for(
@@ -74,6 +82,13 @@ class Watch:
             graph, self._pending = self._pending, None
             self.period_started = time.monotonic()
         return graph
+
+    def resume(self) -> None:
+        """Capture again after a pausing snapshot; the next period starts now."""
+        with self._changed:
+            self._paused = False
+            self.period_started = time.monotonic()
+            self._changed.notify_all()
 
     @property
     def _lost(self) -> bool:
@@ -91,6 +106,10 @@ class Watch:
             self._stop.wait(self.settings.retry_s)
 
         while not self._stop.is_set():
+            with self._changed:
+                self._changed.wait_for(lambda: not self._paused or self._stop.is_set())
+            if self._stop.is_set():
+                break
             try:
                 target = self.service.target.resolve()
                 self._set_target(target)

@@ -53,7 +53,6 @@ from depdrill.execute.injectors.base import (
     Plan,
     Refusal,
 )
-from depdrill.execute.injectors.libnftables import NftContext, NftError, library
 from depdrill.execute.injectors.nfqueue_release import COUNTER, open_queue
 from depdrill.execute.injectors.nftnl import FAMILIES, NetlinkError, NftSocket, QueueRule
 from depdrill.execute.injectors.scope import (
@@ -67,6 +66,7 @@ from depdrill.execute.injectors.scope import (
 )
 from depdrill.execute.model import ErrorReason
 from depdrill.generate.model import Fault, LatencyFault
+from depdrill.libnftables import NftContext, NftError, library
 from depdrill.netns import Target, entered
 
 # Queue numbers depdrill uses (0xdd00-0xddff), so they never meet an application's queues.

@@ -49,7 +49,7 @@ import sys
 import time
 from collections import deque
 
-from depdrill.execute.injectors.netlink import (
+from depdrill.netlink import (
     ATTR,
     NETLINK_NETFILTER,
     NFGEN,

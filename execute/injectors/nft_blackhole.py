@@ -28,7 +28,6 @@ from depdrill.execute.injectors.base import (
     Plan,
     Refusal,
 )
-from depdrill.execute.injectors.libnftables import NftContext, NftError, library
 from depdrill.execute.injectors.scope import (
     DNS_PORT,
     Scope,
@@ -41,6 +40,7 @@ from depdrill.execute.injectors.scope import (
 )
 from depdrill.execute.model import ErrorReason
 from depdrill.generate.model import BlackholeFault, DnsBlackholeFault, Fault
+from depdrill.libnftables import NftContext, NftError, library
 from depdrill.netns import entered
 
 FAMILY = "netdev"

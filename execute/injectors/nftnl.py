@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from depdrill.execute.injectors.netlink import (
+from depdrill.netlink import (
     NETLINK_NETFILTER,
     NLM_F_ACK,
     NLM_F_REQUEST,

@@ -14,9 +14,9 @@ from pathlib import Path
 from depdrill.errors import DepdrillError
 from depdrill.execute.injectors import iptables
 from depdrill.execute.injectors.base import KernelObject
-from depdrill.execute.injectors.libnftables import NftContext, NftError
 from depdrill.execute.safety import journal
 from depdrill.execute.safety.journal import DEFAULT_DIR, Entry, State
+from depdrill.libnftables import NftContext, NftError
 from depdrill.netns import Target, entered
 
 TABLE_PREFIX = "depdrill_"

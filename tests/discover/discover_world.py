@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from depdrill.discover.model import Graph
-from depdrill.discover.run import DiscoverOptions, run
+from depdrill.discover.run import DiscoverOptions, TapChoice, run
 from depdrill.netns import Target
 
 if TYPE_CHECKING:  # the root conftest's module name is not stable across test folders
@@ -173,8 +173,10 @@ class Discovery:
         return self.graph
 
 
-def capture_service(world: World, script: str, duration_s: float = 60) -> tuple[Graph, str]:
-    options = DiscoverOptions(target=Target(netns=world.svc), duration_s=duration_s)
+def capture_service(
+    world: World, script: str, duration_s: float = 60, tap: TapChoice = "auto"
+) -> tuple[Graph, str]:
+    options = DiscoverOptions(target=Target(netns=world.svc), duration_s=duration_s, tap=tap)
     with Discovery(options) as discovery:
         output = world.in_service(script)
         time.sleep(0.3)  # the last answers reach the socket

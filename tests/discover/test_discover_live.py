@@ -31,7 +31,7 @@ from depdrill.discover.model import (
     name_id,
     resolver_id,
 )
-from depdrill.discover.run import DiscoverOptions, run
+from depdrill.discover.run import DiscoverOptions, TapChoice, run
 from depdrill.errors import TargetError
 from depdrill.netns import Target
 
@@ -76,10 +76,13 @@ def _link(graph: Graph, source: str, target: str, kind: str) -> object:
     return found[0]
 
 
-def test_live_capture_sees_names_answers_chains_endpoints_and_blind_spots(world: World) -> None:
-    # Given depdrill capturing inside the service's namespace
+@pytest.mark.parametrize("tap", ["nflog", "packet"])
+def test_live_capture_sees_names_answers_chains_endpoints_and_blind_spots(
+    world: World, tap: TapChoice
+) -> None:
+    # Given depdrill capturing inside the service's namespace, through either tap
     # When the service resolves names with dig and opens TCP, UDP and TLS connections
-    graph, output = capture_service(world, _traffic(world))
+    graph, output = capture_service(world, _traffic(world), tap=tap)
     assert "client done" in output, output
 
     # Then the resolver it asked is a node, with UDP and TCP queries counted
@@ -132,7 +135,11 @@ def test_live_capture_sees_names_answers_chains_endpoints_and_blind_spots(world:
     assert BlindSpotCode.CAPTURE_DROPS not in spots and BlindSpotCode.MALFORMED not in spots
     # And the capture statistics describe the capture
     assert graph.capture.interfaces == ["eth0"] and graph.capture.kernel_drops == 0
-    assert graph.capture.dns_messages == 11 and "port 53" in graph.capture.bpf_filter
+    assert graph.capture.dns_messages == 11 and graph.capture.tap == tap
+    if tap == "packet":
+        assert "port 53" in graph.capture.bpf_filter and not graph.capture.nft_ruleset
+    else:
+        assert "th sport 53 log group" in graph.capture.nft_ruleset and not graph.capture.bpf_filter
     # And the dependency view follows the chain to the endpoints
     deps = {d.name: d for d in graph.dependencies()}
     assert deps["api.x.test"].ports == [8080, 8125]
@@ -272,11 +279,12 @@ print("pipelined done")
 """
 
 
-def test_tcp_dns_with_two_messages_in_one_segment(world: World) -> None:
+@pytest.mark.parametrize("tap", ["nflog", "packet"])
+def test_tcp_dns_with_two_messages_in_one_segment(world: World, tap: TapChoice) -> None:
     # Given a client that writes two length-prefixed queries in one TCP segment
     script = f"{sys.executable} -c '{PIPELINED}' {world.resolver}"
     # When depdrill captures it
-    graph, output = capture_service(world, script)
+    graph, output = capture_service(world, script, tap=tap)
     assert "pipelined done" in output, output
     # Then both names are seen as asked over TCP, and both answers are read
     queries = _link(graph, SERVICE_ID, resolver_id(world.resolver), "queries")
@@ -310,11 +318,14 @@ def test_without_privilege_the_error_says_so(world: World) -> None:
     assert done.stdout.count("\n") == 1
 
 
-def test_a_truncated_answer_retried_over_tcp_is_seen_both_ways(world: World) -> None:
+@pytest.mark.parametrize("tap", ["nflog", "packet"])
+def test_a_truncated_answer_retried_over_tcp_is_seen_both_ways(
+    world: World, tap: TapChoice
+) -> None:
     # Given a name with more A records than fit in 512 bytes, asked without EDNS
     script = f"dig +noedns +time=1 +tries=1 @{world.resolver} many.x.test A"
     # When dig gets a truncated UDP answer and retries over TCP
-    graph, output = capture_service(world, script)
+    graph, output = capture_service(world, script, tap=tap)
     assert "Truncated, retrying in TCP mode" in output, output
     # Then the name shows the truncation, both lookups and every address from the TCP answer
     edge = _link(graph, SERVICE_ID, name_id("many.x.test"), "resolved")

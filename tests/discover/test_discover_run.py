@@ -23,8 +23,9 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 
 from depdrill.discover import capture as capture_module
-from depdrill.discover.capture import LiveCapture, _Priority
+from depdrill.discover.capture import LiveCapture, Priority
 from depdrill.discover.dissect import Dissector, PacketEvent
+from depdrill.discover.nflog import NflogCapture
 from depdrill.discover.packets import decode_ip
 from depdrill.discover.run import DiscoverOptions, _feed_live, run
 from depdrill.netns import Target
@@ -104,8 +105,11 @@ def test_the_inline_path_makes_exactly_the_events_of_the_general_path() -> None:
     assert inline_dissector.malformed == general_dissector.malformed > 0
 
 
-def test_the_filter_keeps_accepted_syns_and_loopback_in_the_kernel(scratch_net: ScratchNet) -> None:
-    # Given a service namespace, a peer, and a capture reading the service's ring
+@pytest.mark.parametrize("tap", [LiveCapture, NflogCapture], ids=["packet", "nflog"])
+def test_the_filter_keeps_accepted_syns_and_loopback_in_the_kernel(
+    scratch_net: ScratchNet, tap: type[LiveCapture] | type[NflogCapture]
+) -> None:
+    # Given a service namespace, a peer, and a capture of the service (either tap)
     svc, peer = scratch_net.add("svc", 10), scratch_net.add("peer", 20)
     client = (
         "import socket, sys\n"
@@ -115,7 +119,7 @@ def test_the_filter_keeps_accepted_syns_and_loopback_in_the_kernel(scratch_net: 
         "    except OSError: pass\n"
         "    s.close()\n"
     )
-    with LiveCapture.open(Target(netns=svc)) as capture:
+    with tap.open(Target(netns=svc)) as capture:
         stop = threading.Event()
         seen: list[bytes] = []
         reader = threading.Thread(
@@ -131,7 +135,7 @@ def test_the_filter_keeps_accepted_syns_and_loopback_in_the_kernel(scratch_net: 
             stop.set()
             reader.join()
     syns = [seg for seg in map(decode_ip, seen) if seg is not None and seg.syn]
-    # Then only the service's own attempt to the peer reached the ring
+    # Then only the service's own attempt to the peer reached depdrill
     assert [(s.src, s.dst, s.dport) for s in syns] == [
         (scratch_net.address(10), scratch_net.address(20), 7002)
     ]
@@ -163,7 +167,7 @@ def test_the_loop_runs_at_sched_idle_and_gives_the_thread_back(scratch_net: Scra
 
 def test_priority_lowers_and_restores_the_calling_thread() -> None:
     # Given this thread at SCHED_OTHER
-    priority = _Priority()
+    priority = Priority()
     try:
         # When lowered, Then it is SCHED_IDLE; when restored, its own policy again
         priority.lower()
