@@ -86,7 +86,7 @@ _HEADER: Final = struct.Struct("=IH")  # the netlink header's length and type
 COPY_RANGE: Final = 0xFFFF  # whole packets (DNS over TCP, ClientHellos); other UDP is cut
 UDP_SNAPLEN: Final = 128  # enough for any IP header and the UDP ports: a flow, not its data
 UDP_EVERY_S: Final = 5  # a known UDP flow is logged again after this long (its last-seen)
-UDP_FLOWS: Final = 65535  # flows remembered per IP family (some 6 MiB of kernel memory)
+UDP_FLOWS: Final = 4096  # flows remembered per IP family (past it, each datagram is logged)
 PORT_RANGE: Final = "/proc/sys/net/ipv4/ip_local_port_range"
 NLBUFSIZ: Final = 131072  # the largest batch the kernel builds (one netlink message each)
 FLUSH_CS: Final = 5  # a partly filled batch is handed over after 50 ms, like a ring block

@@ -53,7 +53,7 @@ def doctor() -> list[Capability]:
     except (OSError, subprocess.CalledProcessError, DepdrillError) as exc:
         results.append(Capability("throwaway namespace", False, str(exc)))
     results.append(_check("sch_netem (tc netem latency)", _netem, optional=True))
-    results.append(_check("scapy + libpcap BPF filters", _bpf))
+    results.append(_check("scapy + libpcap BPF filters (the packet tap)", _bpf))
     for server in ("dnsmasq", "redis-server"):
         results.append(_check(f"{server} (for the lab)", lambda s=server: _binary(s), True))  # type: ignore[misc]
     return results
@@ -178,6 +178,17 @@ def _nfqueue_release(target: Target) -> str:
     return f"a release process ({queue.policy}) took a queue bound inside a namespace"
 
 
+def _nflog_capture(target: Target) -> str:
+    from depdrill.discover.nflog import NflogCapture, NflogUnavailable
+
+    try:
+        capture = NflogCapture.open(target)
+    except NflogUnavailable as exc:
+        raise _Missing(f"{exc}; discovery captures with a packet socket instead") from None
+    capture.close()
+    return f"an owner nft table logged to NFLOG group {capture.group}, read over nfnetlink_log"
+
+
 def _netem() -> str:
     from depdrill.execute.injectors.netem_latency import probe_netem
 
@@ -213,4 +224,5 @@ _NAMESPACE_CHECKS: list[tuple[str, Callable[[Target], str], bool]] = [
     ("netdev egress hook", _egress_hook, False),
     ("NFQUEUE queue rule (nft_compat)", _nfqueue_rule, False),
     ("NFQUEUE release process", _nfqueue_release, False),
+    ("NFLOG capture (discovery's default tap)", _nflog_capture, True),
 ]

@@ -54,6 +54,9 @@ def build(
     )
 
 
+TAPS = {"nflog": "nft rules logging to an NFLOG group", "packet": "a packet socket"}
+
+
 def scan_info(results: Results, graph: Graph | None, previous: Results | None) -> ScanInfo:
     service = results.suite.service
     slo = service.slo
@@ -66,6 +69,10 @@ def scan_info(results: Results, graph: Graph | None, previous: Results | None) -
             f"{graph.target}: {seconds:.0f} s of capture from {cap.started:%Y-%m-%d %H:%M:%S} UTC, "
             f"{cap.packets} packets, {cap.dns_messages} DNS messages, {cap.flows} flows"
         )
+        tap = TAPS.get(cap.tap)
+        if tap:
+            why = f" (nflog could not be used: {cap.tap_fallback})" if cap.tap_fallback else ""
+            discovery += f"; captured through {tap}{why}"
     return ScanInfo(
         service=service.name,
         target=service.target.describe(),

@@ -221,3 +221,26 @@ def test_rules_keep_their_lines_but_not_their_tricks() -> None:
     # Then the line breaks and tabs stay, the override and the NUL are spelled out
     assert shown.splitlines()[1] == "\tset s {"
     assert "a<U+202E>b<U+0000>" in shown
+
+
+def test_the_discovery_line_says_how_packets_came_in(lab_run: tuple[Results, Graph]) -> None:
+    # Given a graph captured with the packet socket because nflog could not be used
+    results, graph = lab_run
+    capture = graph.capture.model_copy(
+        update={"tap": "packet", "tap_fallback": "NFQUEUE queue 7 is bound in this namespace"}
+    )
+    fallback = graph.model_copy(update={"capture": capture})
+    # When the report is built, and again from a graph captured through nflog
+    line = run(results, fallback).model.scan.discovery
+    nflog = graph.model_copy(
+        update={"capture": capture.model_copy(update={"tap": "nflog", "tap_fallback": ""})}
+    )
+    plain = run(results, nflog).model.scan.discovery
+    # Then the discovery line names the tap, and why the first was not nflog
+    assert line is not None and line.endswith(
+        "captured through a packet socket (nflog could not be used: NFQUEUE queue 7 is bound "
+        "in this namespace)"
+    )
+    assert plain is not None and plain.endswith(
+        "captured through nft rules logging to an NFLOG group"
+    )
