@@ -108,16 +108,19 @@ QUEUE_PROC: Final = "/proc/thread-self/net/netfilter/nfnetlink_queue"
 MARKER: Final = 0x64647063  # "ddpc"
 MARKER_TO: Final = ("127.0.0.1", 9)  # discard: nothing need listen
 SO_MARK: Final = 36
-# Rules evaluated for every packet of the service: the loopback test first, then tests that
-# fail in one load for most traffic; `accept` ends this table's chain only (other tables
-# still judge the packet), so a packet is logged once. `th` reads the transport header
-# whatever the protocol; TCP and UDP are the only ones the dissector reads. Figures per
-# packet not logged, bench/tapcost.py --arms live,nflog: about 100 ns, against 250-300 ns
-# for the packet socket; a logged packet costs some 0.6 us, hence:
+# Rules evaluated for every packet of the service. The loopback test comes first, by
+# device type: libnftables resolves interface names through one cache for the whole
+# process, which another thread's context may be emptying at that moment ("Interface does
+# not exist"). Then tests that fail in one load for most traffic. `accept` ends this
+# table's chain only (other tables still judge the packet), so a packet is logged once.
+# `th` reads the transport header whatever the protocol; TCP and UDP are the only ones the
+# dissector reads. Per packet (bench/tapcost.py --arms live,nflog): one not logged costs
+# the service 120-130 ns, against 260-280 ns through the packet socket; one logged costs
+# about 0.9 us, against 0.45 us copied to the packet socket's ring. Hence:
 # - a ClientHello is looked for only in segments from the namespace's ephemeral ports
 #   (`ports`, ip_local_port_range: where connect() picks them), so a server's responses
-#   skip the payload test (120-150 ns a packet with it everywhere). A client that binds
-#   its own source port below the range is still seen by its SYN, without SNI.
+#   skip the payload test (150 ns a packet with it everywhere). A client that binds its
+#   own source port below the range is still seen by its SYN, without SNI.
 # - UDP that is not DNS is logged once per flow (four-tuple) every UDP_EVERY_S: the graph
 #   counts flows, and a later datagram of a known flow only moves its last-seen time. A
 #   full set logs every datagram again.
@@ -133,13 +136,13 @@ RULESET: Final = """table inet {table} {{
 \t}}
 \tchain in {{
 \t\ttype filter hook input priority raw; policy accept;
-\t\tiif "lo" accept
+\t\tmeta iiftype loopback accept
 \t\tth sport 53 log group {group} accept
 \t\tth dport 53 log group {group} accept
 \t}}
 \tchain out {{
 \t\ttype filter hook output priority raw; policy accept;
-\t\toif "lo" jump loopback
+\t\tmeta oiftype loopback jump loopback
 \t\tth dport 53 log group {group} accept
 \t\tth sport 53 log group {group} accept
 \t\tmeta l4proto udp jump udp_out
