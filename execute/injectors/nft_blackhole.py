@@ -15,8 +15,9 @@ expiry that needs no process at all.
 from __future__ import annotations
 
 import ipaddress
+import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -44,6 +45,7 @@ from depdrill.libnftables import NftContext, NftError, library
 from depdrill.netns import entered
 
 FAMILY = "netdev"
+_COUNTER = re.compile(r"\bcounter packets (\d+) bytes \d+")
 # Before anything else on the hook (conntrack, other filters): the packet is gone unseen.
 PRIORITY = -500
 SET4, SET6 = "dependency4", "dependency6"
@@ -106,10 +108,10 @@ class NftBlackholeHandle:
         """Packets dropped so far, both directions."""
         try:
             with self._lock:  # one libnftables context, shared with the address follower
-                listing = self.nft.query(f"list table {FAMILY} {self.table}")
+                listing = self.nft.run(f"list table {FAMILY} {self.table}\n")
         except NftError:
             return None
-        return sum(c.get("packets", 0) for c in _counters(listing))
+        return counted(listing)
 
     def add_addresses(self, addresses: Iterable[str]) -> list[str]:
         """Add addresses the service newly resolved for the dependency; returns those added."""
@@ -139,16 +141,11 @@ class NftBlackholeHandle:
             return fresh
 
 
-def _counters(node: Any) -> Iterator[dict[str, int]]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "counter" and isinstance(value, dict) and "packets" in value:
-                yield value
-            else:
-                yield from _counters(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _counters(item)
+def counted(listing: str) -> int:
+    """Packets the counters of a table's text listing saw. Text, not JSON: libnftables 1.0.6
+    sometimes ends its JSON for an owner table at `"flags": ` (seen in CI), while its text
+    listing stays whole."""
+    return sum(int(n) for n in _COUNTER.findall(listing))
 
 
 class NftBlackhole:

@@ -93,15 +93,13 @@ def sweep(target: Target, keep_runs: set[str]) -> tuple[list[str], int]:
         with entered(target):
             nft = NftContext()
         with nft:
-            listing = nft.query("list tables")
+            listing = nft.run("list tables\n")  # text: see nft_blackhole.counted
     except (NftError, DepdrillError):
-        listing = {}
+        listing = ""
     mine = [
-        (t["family"], t["name"])
-        for item in listing.get("nftables", [])
-        if isinstance(t := item.get("table"), dict)
-        and str(t.get("name", "")).startswith(TABLE_PREFIX)
-        and _run_of_table(str(t["name"])) not in keep_runs
+        (family, name)
+        for family, name in listed_tables(listing)
+        if name.startswith(TABLE_PREFIX) and _run_of_table(name) not in keep_runs
     ]
     if mine:
         done, failed = _delete_tables(target, mine)
@@ -116,6 +114,16 @@ def sweep(target: Target, keep_runs: set[str]) -> tuple[list[str], int]:
         except iptables.IptablesError:
             failures += 1
     return [f"{r} ({target.describe()})" for r in removed], failures
+
+
+def listed_tables(listing: str) -> list[tuple[str, str]]:
+    """(family, name) of each `table FAMILY NAME` line of `nft list tables`."""
+    found = []
+    for line in listing.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[0] == "table":
+            found.append((words[1], words[2]))
+    return found
 
 
 def _delete_tables(target: Target, tables: list[tuple[str, str]]) -> tuple[list[str], int]:
