@@ -5,8 +5,9 @@ one costs the service a call into the tap, filter or not (bench/tapcost.py: abou
 for a filter that refuses at once, 265 ns for the capture). Here the kernel's own packet
 path decides instead: an owner-flagged nft table in the service's namespace has two base
 chains, input and output, whose few rules pass DNS (both ways, on port 53), the UDP the
-service sends, its connection attempts (SYN without ACK) and its TLS ClientHellos to an
-NFLOG group; every other packet meets those rule tests and nothing else (about 100 ns).
+service sends (once per flow every few seconds), its connection attempts (SYN without ACK)
+and its TLS ClientHellos to an NFLOG group; every other packet meets those rule tests and
+nothing else (120-130 ns here; see RULESET for what a logged packet costs).
 This module binds the group on an nfnetlink_log socket and reads what the kernel batches
 into it (up to NLBUFSIZ bytes, flushed every FLUSH_CS hundredths of a second).
 
@@ -202,14 +203,18 @@ def ephemeral_ports() -> tuple[int, int]:
     return (low, high) if 0 < low <= high < 65536 else (32768, 60999)
 
 
-def _marker_socket() -> socket.socket:
-    """A UDP socket in this thread's namespace whose datagrams carry MARKER."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def _marker_socket() -> socket.socket | None:
+    """A UDP socket in this thread's namespace whose datagrams carry MARKER (None where it
+    cannot be had: then a loss in the capture's last batches goes uncounted)."""
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    except OSError:
+        return None
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, MARKER)
     except OSError:
         sock.close()
-        raise
+        return None
     return sock
 
 
@@ -217,7 +222,6 @@ class NflogCapture:
     """An NFLOG group bound in the target's namespace, fed by an owner nft table of its own."""
 
     tap: Final = "nflog"
-    bound: Final = False
 
     def __init__(self, sock: socket.socket, interfaces: list[str], addresses: list[str]) -> None:
         self._sock = sock
@@ -251,14 +255,17 @@ class NflogCapture:
                 )
             interfaces = sorted(n for _, n in socket.if_nameindex() if n != "lo")
             addresses = namespace_addresses()
-            capture = cls(
-                socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER),
-                interfaces,
-                addresses,
-            )
+            try:
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            except OSError as exc:
+                raise NflogUnavailable(f"no nfnetlink socket here: {exc.strerror}") from None
+            capture = cls(sock, interfaces, addresses)
             try:
                 capture._marker = _marker_socket()
-                capture._bind(receive_buffer)
+                try:
+                    capture._bind(receive_buffer)
+                except OSError as exc:
+                    raise NflogUnavailable(f"cannot bind an NFLOG group: {exc}") from None
                 capture._table = f"depdrill-capture-{os.getpid()}-{capture.group}"
                 capture.filter = ruleset(capture._table, capture.group, ephemeral_ports())
                 try:
@@ -267,6 +274,8 @@ class NflogCapture:
                     nft.run(capture.filter)
                 except NftError as exc:
                     raise NflogUnavailable(f"nft refused the capture's rules: {exc}") from None
+                except CapabilityError as exc:  # no libnftables
+                    raise NflogUnavailable(str(exc)) from None
                 capture._logging = True
             except BaseException:
                 capture.close()

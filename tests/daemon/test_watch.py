@@ -21,21 +21,26 @@ def _until(check: Callable[[], bool], within_s: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def _watch(net: ScratchNet, ns: str) -> Watch:
+    """A watch over `ns` in 30 s windows."""
+    service = ServiceConfig.model_validate(
+        {
+            "name": "svc",
+            "target": {"netns": ns},
+            "probes": [f"http://{net.address(10)}:8080/"],
+            "schedule": {"cron": "0 2 * * *"},
+            "output_dir": "/nonexistent",
+        }
+    )
+    return Watch(service, DaemonSettings(discovery_window_s=30, retry_s=0.2))
+
+
 def test_a_recreated_namespace_is_found_again(
     scratch_net: ScratchNet, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given a service namespace watched in 30 s windows
     ns = scratch_net.add("svc", 10)
-    service = ServiceConfig.model_validate(
-        {
-            "name": "svc",
-            "target": {"netns": ns},
-            "probes": [f"http://{scratch_net.address(10)}:8080/"],
-            "schedule": {"cron": "0 2 * * *"},
-            "output_dir": "/nonexistent",
-        }
-    )
-    watch = Watch(service, DaemonSettings(discovery_window_s=30, retry_s=0.2))
+    watch = _watch(scratch_net, ns)
     resolver = scratch_net.host_address
 
     def lookup(name: str) -> None:
@@ -68,3 +73,32 @@ def test_a_recreated_namespace_is_found_again(
     messages = [r.getMessage() for r in caplog.records]
     assert len([m for m in messages if "target lost:" in m]) == 1, messages
     assert len([m for m in messages if "recovered (target lost)" in m]) == 1, messages
+
+
+def test_a_pausing_snapshot_keeps_the_namespace_free_until_resumed(
+    scratch_net: ScratchNet,
+) -> None:
+    # Given a service namespace watched through the nflog tap
+    ns = scratch_net.add("svc", 10)
+    watch = _watch(scratch_net, ns)
+
+    def capture_tables() -> list[str]:
+        listing = scratch_net.exec(ns, "nft", "list", "tables").stdout
+        return [line for line in listing.splitlines() if "depdrill-capture-" in line]
+
+    watch.start()
+    try:
+        _until(lambda: watch.capturing)
+        assert len(capture_tables()) == 1
+        # When a scan takes its snapshot and pauses discovery (as Daemon._scan does)
+        watch.snapshot(pause=True)
+        time.sleep(0.5)
+        # Then no window is open and the capture's table is gone for the scan's faults
+        assert not watch.capturing and capture_tables() == []
+        # And after the scan, discovery comes back
+        watch.resume()
+        _until(lambda: watch.capturing)
+        assert len(capture_tables()) == 1
+    finally:
+        watch.stop()
+    assert capture_tables() == []
