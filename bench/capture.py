@@ -287,9 +287,7 @@ def depdrill_with(tap: TapChoice) -> Capturer:
     return lambda replay, rate, seconds: with_depdrill(replay, rate, seconds, tap)
 
 
-def with_depdrill(
-    replay: Replay, rate: int, seconds: float, tap: TapChoice = "packet"
-) -> tuple[int, int]:
+def with_depdrill(replay: Replay, rate: int, seconds: float, tap: TapChoice) -> tuple[int, int]:
     bench = replay.bench
     options = DiscoverOptions(target=Target(netns=bench.client), duration_s=seconds + 60, tap=tap)
     stop, ready = threading.Event(), threading.Event()

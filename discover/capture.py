@@ -37,7 +37,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Self
 
 from depdrill.discover.packets import Segment, decode_frame, decode_ip
 from depdrill.errors import CapabilityError, InputError
@@ -189,7 +189,25 @@ def _may_leave_idle() -> bool:
     return soft == resource.RLIM_INFINITY or 20 - os.getpriority(os.PRIO_PROCESS, 0) <= soft
 
 
-class LiveCapture:
+class ClosesOnExit:
+    """`with capture:` closes it, whichever tap it is."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class LiveCapture(ClosesOnExit):
     """A packet socket in the target's namespace with the BPF filter attached."""
 
     tap: Final = "packet"
@@ -397,17 +415,6 @@ class LiveCapture:
         if self._ring is not None:
             self._ring.close()
         self._sock.close()
-
-    def __enter__(self) -> LiveCapture:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class _Ring:

@@ -36,13 +36,13 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from types import TracebackType
 from typing import Final
 
 from depdrill.discover.capture import (
     POLL_S,
     RECEIVE_BUFFER,
     SO_RCVBUFFORCE,
+    ClosesOnExit,
     Priority,
     namespace_addresses,
 )
@@ -218,7 +218,7 @@ def _marker_socket() -> socket.socket | None:
     return sock
 
 
-class NflogCapture:
+class NflogCapture(ClosesOnExit):
     """An NFLOG group bound in the target's namespace, fed by an owner nft table of its own."""
 
     tap: Final = "nflog"
@@ -232,9 +232,7 @@ class NflogCapture:
         self.kernel_drops = 0
         self.packet_count = 0
         self._nft: NftContext | None = None
-        self._table = ""
         self._next_seq: int | None = None
-        self._logging = False
         self._lock = threading.Lock()
         self._marker: socket.socket | None = None
 
@@ -266,8 +264,8 @@ class NflogCapture:
                     capture._bind(receive_buffer)
                 except OSError as exc:
                     raise NflogUnavailable(f"cannot bind an NFLOG group: {exc}") from None
-                capture._table = f"depdrill-capture-{os.getpid()}-{capture.group}"
-                capture.filter = ruleset(capture._table, capture.group, ephemeral_ports())
+                table = f"depdrill-capture-{os.getpid()}-{capture.group}"
+                capture.filter = ruleset(table, capture.group, ephemeral_ports())
                 try:
                     nft = NftContext()
                     capture._nft = nft
@@ -276,7 +274,6 @@ class NflogCapture:
                     raise NflogUnavailable(f"nft refused the capture's rules: {exc}") from None
                 except CapabilityError as exc:  # no libnftables
                     raise NflogUnavailable(str(exc)) from None
-                capture._logging = True
             except BaseException:
                 capture.close()
                 raise
@@ -455,17 +452,14 @@ class NflogCapture:
     def _stop_logging(self) -> None:
         """Delete the table (nothing more is logged), then unbind: the kernel flushes the
         group's pending batch to this socket before the acknowledgement."""
-        with self._lock:
-            if not self._logging:
-                return
-            self._logging = False
-            nft, self._nft = self._nft, None
+        nft = self._take_table()
+        if nft is None:  # not logging (any more)
+            return
         if self._marker is not None:
             # Without loopback up it cannot go: then a loss in the last batches goes uncounted.
             with contextlib.suppress(OSError):
                 self._marker.sendto(b"depdrill: end of capture", MARKER_TO)
-        if nft is not None:
-            nft.close()  # the owner table goes with its socket
+        nft.close()  # the owner table goes with its socket
         message = nfnl_message(
             NFNL_SUBSYS_ULOG, NFULNL_MSG_CONFIG, socket.AF_UNSPEC, self.group, NLM_F_REQUEST, 2,
             attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_UNBIND])),
@@ -473,23 +467,16 @@ class NflogCapture:
         with contextlib.suppress(OSError):
             self._sock.send(message)
 
-    def close(self) -> None:
+    def _take_table(self) -> NftContext | None:
+        """The context owning the capture's table, once (None: already taken, or never made)."""
         with self._lock:
             nft, self._nft = self._nft, None
-            self._logging = False
+        return nft
+
+    def close(self) -> None:
+        nft = self._take_table()
         if nft is not None:
             nft.close()
         if self._marker is not None:
             self._marker.close()
         self._sock.close()  # the kernel destroys the group's instance with its socket
-
-    def __enter__(self) -> NflogCapture:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
