@@ -12,8 +12,10 @@ drop counter shows none were lost before the capture point. Frames go to a MAC t
 the client's, so its IP stack drops them right after the packet taps (no ICMP, no replies).
 
 In the same run each capturer watches the client's eth0: depdrill's live capture (run()
-in a thread, as the CLI runs it, `--tap packet`), `tcpdump -w` (libpcap's TPACKET_V3 ring,
-no decoding) and scapy's `sniff` with its default per-packet dissection. depdrill's nflog
+in a thread, as the CLI runs it) through its default tap (`--tap ebpf`: tcx ingress sees
+the frames before the IP stack drops them) and through the packet socket (`--tap
+packet`), `tcpdump -w` (libpcap's TPACKET_V3 ring, no decoding) and scapy's `sniff` with
+its default per-packet dissection. depdrill's nflog
 tap sees only what the client's IP stack takes in (its input and output hooks), so it is
 measured on a second replay of the same recordings, addressed to the client: each frame to
 its MAC, each query with its addresses swapped so it arrives from the server on port 53
@@ -431,31 +433,36 @@ def main() -> int:
               f"{recorded_distinct} on {DISTINCT} distinct names; replayed at each rate for "
               f"{seconds:g} s, lossless means < {LOSS_LIMIT:.1%}")  # fmt: skip
         with Replay(bench, names_pcap) as replay:
-            depdrill = lossless_rate("depdrill", depdrill_with("packet"), replay, rates, seconds)
+            ebpf = lossless_rate("ebpf", depdrill_with("ebpf"), replay, rates, seconds)
+            packet = lossless_rate("packet", depdrill_with("packet"), replay, rates, seconds)
             tcpdump = lossless_rate("tcpdump", with_tcpdump, replay, rates, seconds)
             scapy = lossless_rate(
                 "scapy", with_scapy, replay, [1_000, 2_000, 4_000, 8_000, 16_000], seconds
             )
         with Replay(bench, distinct_pcap) as replay:
-            distinct = lossless_rate("depdrill*", depdrill_with("packet"), replay, rates, seconds)
+            ebpf_distinct = lossless_rate("ebpf*", depdrill_with("ebpf"), replay, rates, seconds)
+            distinct = lossless_rate("packet*", depdrill_with("packet"), replay, rates, seconds)
         # The frames the client's stack receives: what an nflog capture can see at all.
         with Replay(bench, names_pcap, to_client=True) as replay:
             nflog = lossless_rate("nflog", depdrill_with("nflog"), replay, rates, seconds)
-            packet = lossless_rate("packet", depdrill_with("packet"), replay, rates, seconds)
+            received = lossless_rate("packet", depdrill_with("packet"), replay, rates, seconds)
         with Replay(bench, distinct_pcap, to_client=True) as replay:
             nflog_distinct = lossless_rate("nflog*", depdrill_with("nflog"), replay, rates, seconds)
     top = f"the ladder's top ({rates[-1]})"
-    print(f"lossless DNS messages/s: depdrill {depdrill} ({NAMES} names), depdrill* {distinct} "
-          f"(every message new), tcpdump -w {tcpdump}, scapy sniff {scapy}; a figure at "
-          f"{top} or the sender's limit is a floor")  # fmt: skip
+    print(f"lossless DNS messages/s ({NAMES} names; * every message new): depdrill --tap ebpf "
+          f"{ebpf}, ebpf* {ebpf_distinct}; --tap packet {packet}, packet* {distinct}; "
+          f"tcpdump -w {tcpdump}; scapy sniff {scapy}; a figure at {top} or the sender's "
+          "limit is a floor")  # fmt: skip
     print(f"frames the client receives: depdrill --tap nflog {nflog} ({NAMES} names), "
-          f"{nflog_distinct} (every message new), --tap packet {packet}")  # fmt: skip
-    if packet:
-        print(f"nflog / packet on those frames: {nflog / packet:.2f}")
+          f"{nflog_distinct} (every message new), --tap packet {received}")  # fmt: skip
+    if received:
+        print(f"nflog / packet on those frames: {nflog / received:.2f}")
     if tcpdump:
-        print(f"depdrill / tcpdump -w: {depdrill / tcpdump:.2f}")
+        print(
+            f"ebpf / tcpdump -w: {ebpf / tcpdump:.2f}; packet / tcpdump -w: {packet / tcpdump:.2f}"
+        )
     if scapy:
-        print(f"depdrill / scapy sniff: {depdrill / scapy:.1f}")
+        print(f"ebpf / scapy sniff: {ebpf / scapy:.1f}")
     fast, slow = parse_cost(20_000)
     print(f"parse of distinct messages: fast path {fast:.1f} µs, dnspython {slow:.1f} µs "
           f"({slow / fast:.1f}x)")  # fmt: skip

@@ -60,7 +60,7 @@ from depdrill.testing import RUN, scratch_bridge
 PORT = 8080
 TARGET_RISE = 0.02
 RATE = 2000
-TAPS = ("nflog", "packet")
+TAPS = ("ebpf", "nflog", "packet")
 
 SERVICE = """
 import socket, sys, os

@@ -51,10 +51,13 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import ExitStack
 
+from depdrill.bpf import R0, TCX_NEXT, Asm, attach_tcx, load_program
 from depdrill.discover.capture import (
     ETH_P_ALL,
     SOL_PACKET,
@@ -64,6 +67,7 @@ from depdrill.discover.capture import (
     bpf_filter,
     compile_bpf,
 )
+from depdrill.discover.ebpf import EbpfCapture
 from depdrill.discover.nflog import NflogCapture
 from depdrill.netns import Target, entered
 from depdrill.testing import RUN, ScratchNet, scratch_bridge
@@ -178,6 +182,26 @@ def arms(net: ScratchNet, service: str) -> dict[str, Arm]:
     def nflog(stack: ExitStack) -> None:
         stack.enter_context(NflogCapture.open(target))
 
+    def ebpf(stack: ExitStack) -> None:
+        # Read as discovery reads it: a ring never drained would fill and turn each kept
+        # packet's copy into a counted drop, which costs less.
+        capture = stack.enter_context(EbpfCapture.open(target))
+        stop = threading.Event()
+        reader = threading.Thread(target=lambda: deque(capture.frames(1e9, stop, True), 0))
+        reader.start()
+        stack.callback(reader.join)
+        stack.callback(stop.set)
+
+    def tcx(stack: ExitStack) -> None:
+        empty = Asm()
+        empty.alu(R0, "=", TCX_NEXT)
+        empty.exit()
+        fd = load_program(empty.assemble(), "depdrill_bench")
+        stack.callback(os.close, fd)
+        with entered(target):
+            for ingress in (True, False):
+                stack.callback(os.close, attach_tcx(fd, socket.if_nametoindex("eth0"), ingress))
+
     def tstamp(stack: ExitStack) -> None:
         sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
@@ -193,6 +217,8 @@ def arms(net: ScratchNet, service: str) -> dict[str, Arm]:
         "live": live,
         "tstamp": tstamp,
         "nflog": nflog,
+        "ebpf": ebpf,
+        "tcx": tcx,
     }
 
 

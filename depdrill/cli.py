@@ -183,12 +183,13 @@ def lab_status(prefix: str, as_json: bool) -> None:
 @click.option("--append", is_flag=True, help="Merge into the graph already at --output.")
 @click.option(
     "--tap",
-    type=click.Choice(["auto", "nflog", "packet"]),
+    type=click.Choice(["auto", "ebpf", "nflog", "packet"]),
     default="auto",
     show_default=True,
-    help="How packets reach depdrill: nft rules logging only what discovery reads (nflog: "
-    "the service's other packets pay a few rule tests), or a packet socket with a BPF filter "
-    "(every packet pays the tap); auto: nflog unless it cannot be used there.",
+    help="How packets reach depdrill: an eBPF program on each device keeping only what "
+    "discovery reads (ebpf: Linux 6.6+), nft rules logging it (nflog), or a packet socket "
+    "with a BPF filter (packet: every packet pays the tap); auto: the first that can be used "
+    "there.",
 )
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def discover(

@@ -175,13 +175,16 @@ class CaptureStats(Frozen):
     started: datetime
     ended: datetime
     interfaces: list[str] = []
-    # How packets came in: "nflog" (nft rules in the namespace, `nft_ruleset`), "packet" (a
-    # packet socket, `bpf_filter`); "" for a capture file. `tap_fallback`: why nflog was not
-    # used when it was asked for by "auto".
+    # How packets came in: "ebpf" (tcx programs, `ebpf_program` says what they keep),
+    # "nflog" (nft rules in the namespace, `nft_ruleset`), "packet" (a packet socket,
+    # `bpf_filter`); "" for a capture file. `tap_fallback`: why "auto" did not use the taps
+    # before it ("ebpf: ...; nflog: ..."; a graph from before the ebpf tap gives nflog's
+    # reason alone).
     tap: str = ""
     tap_fallback: str = ""
     bpf_filter: str = ""
     nft_ruleset: str = ""
+    ebpf_program: str = ""
     packets: int = 0
     dns_messages: int = 0
     malformed: int = 0

@@ -33,7 +33,7 @@ from depdrill.discover.packets import Segment, decode_ip, ipv4_text
 from depdrill.errors import CapabilityError
 from depdrill.netns import Target
 
-TapChoice = Literal["auto", "nflog", "packet"]
+TapChoice = Literal["auto", "ebpf", "nflog", "packet"]
 
 
 class DiscoverOptions(Frozen):
@@ -44,10 +44,12 @@ class DiscoverOptions(Frozen):
     duration_s: float = Field(default=30.0, gt=0)
     label: str | None = None
     max_names: int = Field(default=10_000, ge=1)
-    # Live only: how packets reach discovery. "nflog": nft rules in the namespace log what
-    # discovery reads (the service's other packets pay a few rule tests); "packet": a
-    # packet socket with a BPF filter (every packet on its devices pays the tap's hook);
-    # "auto": nflog where it can be used, else the packet socket, and the graph says why.
+    # Live only: how packets reach discovery. "ebpf": a tcx program on each device keeps
+    # what discovery reads (every packet pays a few header tests in JITed code); "nflog":
+    # nft rules in the namespace log it (a few rule tests; a logged packet is dear);
+    # "packet": a packet socket with a BPF filter (every packet pays the tap's hook);
+    # "auto": the first of these that can be used there, and the graph says why not the
+    # others.
     tap: TapChoice = "auto"
     # Offline only: the service's own addresses, when guessing them from who sends DNS
     # queries is not enough (a capture taken on a host with several clients).
@@ -106,6 +108,7 @@ def run(
             tap_fallback=fallback,
             bpf_filter=capture.filter if capture.tap == "packet" else "",
             nft_ruleset=capture.filter if capture.tap == "nflog" else "",
+            ebpf_program=capture.filter if capture.tap == "ebpf" else "",
             packets=capture.packet_count,
             dns_messages=dissector.dns_messages,
             malformed=dissector.malformed,
@@ -134,21 +137,32 @@ class Tap(Protocol):
 
 
 def open_tap(target: Target, choice: TapChoice = "auto") -> tuple[Tap, str]:
-    """The capture `choice` asks for, and with "auto" why nflog was not it ("" when it was)."""
+    """The capture `choice` asks for; with "auto", the first tap that opens there, and why
+    the ones before it did not ("" when the first did)."""
+    from depdrill.bpf import BpfUnavailable
+    from depdrill.discover.ebpf import EbpfCapture
     from depdrill.discover.nflog import NflogCapture, NflogUnavailable
 
     if choice == "packet":
         return LiveCapture.open(target), ""
-    try:
+    if choice == "nflog":
         return NflogCapture.open(target), ""
+    if choice == "ebpf":
+        return EbpfCapture.open(target), ""
+    reasons: list[str] = []
+    try:
+        return EbpfCapture.open(target), ""
+    except BpfUnavailable as exc:
+        reasons.append(f"ebpf: {exc}")
+    try:
+        return NflogCapture.open(target), "; ".join(reasons)
     except NflogUnavailable as exc:
-        if choice == "nflog":
-            raise
-        why = str(exc)
+        reasons.append(f"nflog: {exc}")
+    why = "; ".join(reasons)
     try:
         return LiveCapture.open(target), why
     except CapabilityError as exc:
-        raise CapabilityError(f"{exc} (and nflog: {why})") from None
+        raise CapabilityError(f"{exc} (and {why})") from None
 
 
 def _offline(options: DiscoverOptions, path: Path) -> Graph:
@@ -272,6 +286,7 @@ def merge(old: Graph, new: Graph) -> Graph:
         tap_fallback=new.capture.tap_fallback if new.capture.tap else old.capture.tap_fallback,
         bpf_filter=new.capture.bpf_filter or old.capture.bpf_filter,
         nft_ruleset=new.capture.nft_ruleset or old.capture.nft_ruleset,
+        ebpf_program=new.capture.ebpf_program or old.capture.ebpf_program,
         packets=old.capture.packets + new.capture.packets,
         dns_messages=old.capture.dns_messages + new.capture.dns_messages,
         malformed=old.capture.malformed + new.capture.malformed,

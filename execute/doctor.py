@@ -184,9 +184,21 @@ def _nflog_capture(target: Target) -> str:
     try:
         capture = NflogCapture.open(target)
     except NflogUnavailable as exc:
-        raise _Missing(f"{exc}; discovery captures with a packet socket instead") from None
+        raise _Missing(f"{exc}; without eBPF, discovery captures with a packet socket") from None
     capture.close()
     return f"an owner nft table logged to NFLOG group {capture.group}, read over nfnetlink_log"
+
+
+def _ebpf_capture(target: Target) -> str:
+    from depdrill.bpf import BpfUnavailable
+    from depdrill.discover.ebpf import EbpfCapture
+
+    try:
+        capture = EbpfCapture.open(target)
+    except BpfUnavailable as exc:
+        raise _Missing(f"{exc}; discovery captures through nflog instead") from None
+    capture.close()
+    return f"tcx programs loaded and attached to {', '.join(capture.interfaces)}, then detached"
 
 
 def _netem() -> str:
@@ -224,5 +236,6 @@ _NAMESPACE_CHECKS: list[tuple[str, Callable[[Target], str], bool]] = [
     ("netdev egress hook", _egress_hook, False),
     ("NFQUEUE queue rule (nft_compat)", _nfqueue_rule, False),
     ("NFQUEUE release process", _nfqueue_release, False),
-    ("NFLOG capture (discovery's default tap)", _nflog_capture, True),
+    ("eBPF capture (discovery's default tap)", _ebpf_capture, True),
+    ("NFLOG capture (discovery's tap without eBPF)", _nflog_capture, True),
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
@@ -54,7 +55,19 @@ def build(
     )
 
 
-TAPS = {"nflog": "nft rules logging to an NFLOG group", "packet": "a packet socket"}
+TAPS = {
+    "ebpf": "eBPF programs on the namespace's devices (tcx)",
+    "nflog": "nft rules logging to an NFLOG group",
+    "packet": "a packet socket",
+}
+
+
+def _fallback(why: str) -> str:
+    """Why "auto" did not use the taps before the one it used, as the report says it."""
+    if not why.startswith(("ebpf: ", "nflog: ")):  # a graph from before the ebpf tap
+        why = f"nflog: {why}"
+    parts = (part.partition(": ") for part in re.split(r"; (?=(?:ebpf|nflog): )", why))
+    return "; ".join(f"{tap} could not be used: {reason}" for tap, _, reason in parts)
 
 
 def scan_info(results: Results, graph: Graph | None, previous: Results | None) -> ScanInfo:
@@ -71,7 +84,7 @@ def scan_info(results: Results, graph: Graph | None, previous: Results | None) -
         )
         tap = TAPS.get(cap.tap)
         if tap:
-            why = f" (nflog could not be used: {cap.tap_fallback})" if cap.tap_fallback else ""
+            why = f" ({_fallback(cap.tap_fallback)})" if cap.tap_fallback else ""
             discovery += f"; captured through {tap}{why}"
     return ScanInfo(
         service=service.name,

@@ -44,9 +44,9 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-# DESIGN §0's one exception: execute uses discover's capture (both of its taps: the packet
-# socket to follow a dependency during a fault, nflog for the doctor's check).
-CAPTURE = ("depdrill.discover.capture", "depdrill.discover.nflog")
+# DESIGN §0's one exception: execute uses discover's capture (its taps: the packet socket
+# to follow a dependency during a fault, ebpf and nflog for the doctor's checks).
+CAPTURE = ("depdrill.discover.capture", "depdrill.discover.nflog", "depdrill.discover.ebpf")
 
 
 def test_stages_import_only_earlier_stages_models() -> None:

@@ -4,13 +4,16 @@ deleted and created again (a container restart) is found again by the same selec
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Callable
 
 import pytest
 
+from depdrill.bpf import attached
 from depdrill.daemon.config import DaemonSettings, ServiceConfig
 from depdrill.daemon.watch import Watch
+from depdrill.netns import Target, entered
 from depdrill.testing import ScratchNet, sh
 
 
@@ -78,27 +81,31 @@ def test_a_recreated_namespace_is_found_again(
 def test_a_pausing_snapshot_keeps_the_namespace_free_until_resumed(
     scratch_net: ScratchNet,
 ) -> None:
-    # Given a service namespace watched through the nflog tap
+    # Given a service namespace watched through the default tap
     ns = scratch_net.add("svc", 10)
     watch = _watch(scratch_net, ns)
 
-    def capture_tables() -> list[str]:
+    def footprint() -> int:
+        """What a capture adds to the namespace: nflog's table, or eBPF's programs."""
         listing = scratch_net.exec(ns, "nft", "list", "tables").stdout
-        return [line for line in listing.splitlines() if "depdrill-capture-" in line]
+        tables = [line for line in listing.splitlines() if "depdrill-capture-" in line]
+        with entered(Target(netns=ns)):
+            eth0 = socket.if_nametoindex("eth0")
+            return len(tables) + attached(eth0, True) + attached(eth0, False)
 
     watch.start()
     try:
         _until(lambda: watch.capturing)
-        assert len(capture_tables()) == 1
+        assert footprint() > 0
         # When a scan takes its snapshot and pauses discovery (as Daemon._scan does)
         watch.snapshot(pause=True)
         time.sleep(0.5)
-        # Then no window is open and the capture's table is gone for the scan's faults
-        assert not watch.capturing and capture_tables() == []
+        # Then no window is open and the capture is gone from the namespace for the faults
+        assert not watch.capturing and footprint() == 0
         # And after the scan, discovery comes back
         watch.resume()
         _until(lambda: watch.capturing)
-        assert len(capture_tables()) == 1
+        assert footprint() > 0
     finally:
         watch.stop()
-    assert capture_tables() == []
+    assert footprint() == 0

@@ -76,11 +76,11 @@ def _link(graph: Graph, source: str, target: str, kind: str) -> object:
     return found[0]
 
 
-@pytest.mark.parametrize("tap", ["nflog", "packet"])
+@pytest.mark.parametrize("tap", ["ebpf", "nflog", "packet"])
 def test_live_capture_sees_names_answers_chains_endpoints_and_blind_spots(
     world: World, tap: TapChoice
 ) -> None:
-    # Given depdrill capturing inside the service's namespace, through either tap
+    # Given depdrill capturing inside the service's namespace, through each tap
     # When the service resolves names with dig and opens TCP, UDP and TLS connections
     graph, output = capture_service(world, _traffic(world), tap=tap)
     assert "client done" in output, output
@@ -136,10 +136,12 @@ def test_live_capture_sees_names_answers_chains_endpoints_and_blind_spots(
     # And the capture statistics describe the capture
     assert graph.capture.interfaces == ["eth0"] and graph.capture.kernel_drops == 0
     assert graph.capture.dns_messages == 11 and graph.capture.tap == tap
-    if tap == "packet":
-        assert "port 53" in graph.capture.bpf_filter and not graph.capture.nft_ruleset
-    else:
-        assert "th sport 53 log group" in graph.capture.nft_ruleset and not graph.capture.bpf_filter
+    described = {
+        "packet": ("port 53", graph.capture.bpf_filter),
+        "nflog": ("th sport 53 log group", graph.capture.nft_ruleset),
+        "ebpf": ("tcx ingress and egress on eth0", graph.capture.ebpf_program),
+    }
+    assert [name for name, (text, field) in described.items() if text in field] == [tap]
     # And the dependency view follows the chain to the endpoints
     deps = {d.name: d for d in graph.dependencies()}
     assert deps["api.x.test"].ports == [8080, 8125]
@@ -279,7 +281,7 @@ print("pipelined done")
 """
 
 
-@pytest.mark.parametrize("tap", ["nflog", "packet"])
+@pytest.mark.parametrize("tap", ["ebpf", "nflog", "packet"])
 def test_tcp_dns_with_two_messages_in_one_segment(world: World, tap: TapChoice) -> None:
     # Given a client that writes two length-prefixed queries in one TCP segment
     script = f"{sys.executable} -c '{PIPELINED}' {world.resolver}"
@@ -318,7 +320,7 @@ def test_without_privilege_the_error_says_so(world: World) -> None:
     assert done.stdout.count("\n") == 1
 
 
-@pytest.mark.parametrize("tap", ["nflog", "packet"])
+@pytest.mark.parametrize("tap", ["ebpf", "nflog", "packet"])
 def test_a_truncated_answer_retried_over_tcp_is_seen_both_ways(
     world: World, tap: TapChoice
 ) -> None:

@@ -25,6 +25,7 @@ from scapy.layers.inet6 import IPv6
 from depdrill.discover import capture as capture_module
 from depdrill.discover.capture import LiveCapture, Priority
 from depdrill.discover.dissect import Dissector, PacketEvent
+from depdrill.discover.ebpf import EbpfCapture
 from depdrill.discover.nflog import NflogCapture
 from depdrill.discover.packets import decode_ip
 from depdrill.discover.run import DiscoverOptions, _feed_live, run
@@ -105,9 +106,11 @@ def test_the_inline_path_makes_exactly_the_events_of_the_general_path() -> None:
     assert inline_dissector.malformed == general_dissector.malformed > 0
 
 
-@pytest.mark.parametrize("tap", [LiveCapture, NflogCapture], ids=["packet", "nflog"])
+@pytest.mark.parametrize(
+    "tap", [LiveCapture, NflogCapture, EbpfCapture], ids=["packet", "nflog", "ebpf"]
+)
 def test_the_filter_keeps_accepted_syns_and_loopback_in_the_kernel(
-    scratch_net: ScratchNet, tap: type[LiveCapture] | type[NflogCapture]
+    scratch_net: ScratchNet, tap: type[LiveCapture] | type[NflogCapture] | type[EbpfCapture]
 ) -> None:
     # Given a service namespace, a peer, and a capture of the service (either tap)
     svc, peer = scratch_net.add("svc", 10), scratch_net.add("peer", 20)

@@ -23,8 +23,10 @@ def test_doctor_reports_this_machine_and_cleans_up() -> None:
     assert [c.name for c in required if not c.ok] == []
     assert "vanished" in checks["owner-flagged nft tables"].detail
     assert "bypass" in checks["NFQUEUE queue rule (nft_compat)"].detail
-    # And discovery's default tap works here, tried for real
-    nflog = checks["NFLOG capture (discovery's default tap)"]
+    # And discovery's default tap and its first fallback work here, tried for real
+    ebpf = checks["eBPF capture (discovery's default tap)"]
+    assert ebpf.ok and ebpf.optional and "ddprobe" in ebpf.detail and "detached" in ebpf.detail
+    nflog = checks["NFLOG capture (discovery's tap without eBPF)"]
     assert nflog.ok and nflog.optional and "nfnetlink_log" in nflog.detail
     # And sch_netem's answer agrees with the registry's and says why when missing
     netem = checks["sch_netem (tc netem latency)"]

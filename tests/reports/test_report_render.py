@@ -244,3 +244,23 @@ def test_the_discovery_line_says_how_packets_came_in(lab_run: tuple[Results, Gra
     assert plain is not None and plain.endswith(
         "captured through nft rules logging to an NFLOG group"
     )
+
+
+def test_the_discovery_line_gives_each_earlier_taps_reason(lab_run: tuple[Results, Graph]) -> None:
+    # Given a graph captured with the packet socket after both kernel taps were refused
+    results, graph = lab_run
+    capture = graph.capture.model_copy(
+        update={
+            "tap": "packet",
+            "tap_fallback": "ebpf: this kernel has no tcx links (Linux 6.6 and later have "
+            "them); nflog: NFQUEUE queue 7 is bound in this namespace",
+        }
+    )
+    # When the report is built
+    line = run(results, graph.model_copy(update={"capture": capture})).model.scan.discovery
+    # Then it names the tap, and each earlier tap with its own reason
+    assert line is not None and line.endswith(
+        "captured through a packet socket (ebpf could not be used: this kernel has no tcx "
+        "links (Linux 6.6 and later have them); nflog could not be used: NFQUEUE queue 7 is "
+        "bound in this namespace)"
+    )
