@@ -5,7 +5,8 @@ namespace) for every request (or every Nth, `--lookup-every N`: a service that c
 lookups), so each request puts two DNS messages and a SYN (the one the service accepts:
 the filter keeps it in the kernel) in front of the capture. Every request resolving is the
 hard case for the nflog tap: a packet it logs costs the service more than one the packet
-socket copies (bench/tapcost.py, `dns`), while every other packet costs it less. The load is
+socket copies (bench/tapcost.py, `dns`), while every other packet costs it less; the ebpf
+tap (the default) costs less than both either way. The load is
 open-loop at a fixed rate (RATE requests/s, a quarter of what the service can take here),
 one connection per request, as a production host sees it: a request starts at its
 scheduled time whatever the one before it did, and when the one before it ran past that
@@ -20,24 +21,24 @@ is not what a service that is not saturated sees.
 
 The run is a series of cycles; each cycle runs its short rounds in a fresh random order:
 `off` (no capture), `again` (no capture either: the calibration) and one per tap (`--taps`,
-default both): `nflog` and `packet`, each a `depdrill.discover.run` with that tap in its own
-process, as the CLI runs it, started before the round and ready before its first request.
-Drift and other load on the box hit every arm alike. Printed: the pooled p50s and p99s,
-`again/off` (what the bench calls a difference when there is none: its noise) next to each
-`<tap>/off`, each p99 ratio with a 95 % bootstrap interval (cycles resampled with
-replacement, so each resample keeps the rounds that ran side by side together), and
-whether the target (a rise of at most 2 %) is met: only when the whole interval is under
-1.02; "not resolved" when the interval straddles it.
+default all three): `ebpf`, `nflog` and `packet`, each a `depdrill.discover.run` with that
+tap in its own process, as the CLI runs it, started before the round and ready before its
+first request. Drift and other load on the box hit every arm alike. Printed: the pooled
+p50s and p99s, `again/off` (what the bench calls a difference when there is none: its
+noise) next to each `<tap>/off`, each p99 ratio with a 95 % bootstrap interval (cycles
+resampled with replacement, so each resample keeps the rounds that ran side by side
+together), and whether the target (a rise of at most 2 %) is met: only when the whole
+interval is under 1.02; "not resolved" when the interval straddles it.
 By default every process floats over every CPU, as on a host. `--pin` is the harsh case
 for a 2-core box: the load on one CPU, and the service, dnsmasq and the capture confined
 to the other, so the capture's packet loop can only ever run on the service's own CPU.
-`--tap-only` opens each tap (socket, filter and ring; or rules and NFLOG group) and never
-reads it: the kernel's share of the cost, apart from the packet loop's (bench/tapcost.py
-prices it per packet).
+`--tap-only` opens each tap (programs and ring; rules and NFLOG group; or socket, filter
+and ring) and never reads it: the kernel's share of the cost, apart from the packet
+loop's (bench/tapcost.py prices it per packet).
 
 Run as root, under the bench lock: `flock /tmp/depdrill-bench.lock .venv/bin/python -P
 bench/overhead.py [--rate N] [--seconds S] [--cycles N] [--lookup-every N]
-[--taps nflog,packet] [--pin] [--tap-only]`.
+[--taps ebpf,nflog,packet] [--pin] [--tap-only]`.
 """
 
 from __future__ import annotations

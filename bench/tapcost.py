@@ -34,11 +34,17 @@ transaction puts through the service's interfaces, to read a cost per packet:
   read here): an nft table whose rules log DNS, the service's UDP, its SYNs and its
   ClientHellos to an NFLOG group bound by depdrill, so every other packet of the service
   meets a few rule tests, and nothing more;
+- `ebpf`: discovery's default capture as it runs (EbpfCapture.open, read in a background
+  thread as discovery reads it, so a kept packet's copy is a copy and not a counted drop):
+  a tcx program on eth0's ingress and egress that reads the headers and copies what
+  discovery keeps into a BPF ring;
+- `tcx`: an empty tcx program (it returns at once) on eth0's ingress and egress: the
+  hook's own cost, under `ebpf`'s;
 - `tstamp`: no tap, but a socket with SO_TIMESTAMP open on the host, which switches on
   the kernel's receive timestamps (netstamp_needed_key) for every packet.
 
 Run as root: `flock /tmp/depdrill-bench.lock .venv/bin/python -P bench/tapcost.py
-[--cycles N] [--kinds udp,rr,crr,lo] [--arms ring,live]`.
+[--cycles N] [--kinds udp,rr,crr,dns,lo] [--arms live,nflog,ebpf,tcx]`.
 """
 
 from __future__ import annotations

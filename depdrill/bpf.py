@@ -277,14 +277,20 @@ def attached(ifindex: int, ingress: bool) -> int:
 
 # A ring buffer map's records (kernel/bpf/ringbuf.c): an 8-byte header, its length's top
 # bits say "still being written" and "discarded", then the data, padded to 8 bytes.
-_LENGTH: Final = struct.Struct("=I")
-_BUSY: Final = 1 << 31
-_DISCARDED: Final = 1 << 30
+LENGTH: Final = struct.Struct("=I")
+BUSY: Final = 1 << 31
+DISCARDED: Final = 1 << 30
 _POSITION: Final = struct.Struct("=Q")
 
 
 class Ring:
-    """The reading side of a BPF_MAP_TYPE_RINGBUF: records in the order they were reserved."""
+    """The reading side of a BPF_MAP_TYPE_RINGBUF: records in the order they were reserved.
+
+    Its records are read by a subclass that knows their layout (discover/ebpf.py's
+    PacketRing): from `span`'s start, each one's LENGTH word (BUSY: not yet submitted, stop
+    there; DISCARDED: skip it), its data after the 8-byte header, the next one 8-aligned;
+    then `release` up to where it stopped.
+    """
 
     def __init__(self, map_fd: int, size: int) -> None:
         page = mmap.PAGESIZE
@@ -304,27 +310,15 @@ class Ring:
         (consumed,) = _POSITION.unpack_from(self._consumer, 0)
         return int(produced - consumed)
 
-    def read(self, limit: int = 1 << 30) -> list[bytes]:
-        """The records submitted since the last read, up to `limit` bytes of ring, copied
-        out; their space goes back to the kernel at once. One loop with its lookups bound
-        locally: this runs for every packet (0.4 us a record here, 1.2 as a generator of
-        views that released each record as it went)."""
+    def span(self, limit: int) -> tuple[int, int]:
+        """Where reading starts, and where it may go on to (at most `limit` bytes on)."""
         (position,) = _POSITION.unpack_from(self._consumer, 0)
         (produced,) = _POSITION.unpack_from(self._producer, 0)
-        end = min(produced, position + limit)
-        header, ring, mask, data = _LENGTH.unpack_from, self._producer, self._mask, self._data
-        out: list[bytes] = []
-        append = out.append
-        while position < end:
-            at = data + (position & mask)
-            (length,) = header(ring, at)
-            if length & _BUSY:
-                break  # reserved, not yet submitted: the next read takes it
-            if not length & _DISCARDED:
-                append(ring[at + 8 : at + 8 + length])
-            position += (length & ~_DISCARDED) + 15 & ~7  # the header, padded to 8 bytes
+        return position, min(produced, position + limit)
+
+    def release(self, position: int) -> None:
+        """Everything before `position` is read: the kernel may write there again."""
         _POSITION.pack_into(self._consumer, 0, position)
-        return out
 
     def close(self) -> None:
         self._consumer.close()
