@@ -11,6 +11,7 @@ leaves nothing attached behind it: the same promise as an owner-flagged nft tabl
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -63,7 +64,8 @@ _PSEUDO_MAP_FD = 1
 _INSN: Final = struct.Struct("<BBhi")
 R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, FP = range(11)
 
-_SYS_BPF: Final = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351}
+# Little-endian machines only: instructions and attributes are packed little-endian.
+_SYS_BPF: Final = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "riscv64": 280}
 _LOG_SIZE: Final = 1 << 20
 
 
@@ -224,24 +226,34 @@ def lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
 def load_program(program: bytes, name: str, license_: str = "Apache-2.0") -> int:
     """A SCHED_CLS program's descriptor, once the verifier has accepted it.
 
-    Refused: BpfUnavailable, with the verifier's last words (what a user can act on is
-    that the kernel said no; the words help whoever reads the report).
+    Loaded without the verifier's log (a log too small for what it would say fails the
+    load); refused, it is loaded again with the log, and BpfUnavailable carries the
+    verifier's last words (what a user can act on is that the kernel said no; the words
+    help whoever reads the report). Only helpers open to any licence are used.
     """
     insns = ctypes.create_string_buffer(program, len(program))
     licence = ctypes.create_string_buffer(license_.encode())
     log = ctypes.create_string_buffer(_LOG_SIZE)
-    attr = struct.pack(
-        "<IIQQIIQII",
-        PROG_SCHED_CLS, len(program) // 8, ctypes.addressof(insns), ctypes.addressof(licence),
-        1, _LOG_SIZE, ctypes.addressof(log), 0, 0,
-    ) + _name(name)  # fmt: skip
+
+    def attr(log_level: int) -> bytes:
+        return struct.pack(
+            "<IIQQIIQII",
+            PROG_SCHED_CLS, len(program) // 8, ctypes.addressof(insns), ctypes.addressof(licence),
+            log_level, _LOG_SIZE if log_level else 0, ctypes.addressof(log) if log_level else 0,
+            0, 0,
+        ) + _name(name)  # fmt: skip
+
     try:
-        fd, _ = bpf(BPF_PROG_LOAD, attr)
+        fd, _ = bpf(BPF_PROG_LOAD, attr(0))
     except OSError as exc:
-        words = log.value.decode(errors="replace").strip().splitlines()[-3:]
-        said = f" (verifier: {' / '.join(words)})" if words else ""
-        raise BpfUnavailable(f"the kernel refused the BPF program: {exc.strerror}{said}") from None
-    return fd
+        refused = exc
+    else:
+        return fd
+    with contextlib.suppress(OSError):
+        os.close(bpf(BPF_PROG_LOAD, attr(1))[0])  # accepted this time: the words are moot
+    words = log.value.decode(errors="replace").strip().splitlines()[-3:]
+    said = f" (verifier: {' / '.join(words)})" if words else ""
+    raise BpfUnavailable(f"the kernel refused the BPF program: {refused.strerror}{said}")
 
 
 def attach_tcx(program_fd: int, ifindex: int, ingress: bool) -> int:

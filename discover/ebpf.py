@@ -6,15 +6,18 @@ hooked device pay a call into it (and on transmit a clone of the skb); nflog mak
 packet meet nft's rules and each packet it logs pay nfnetlink_log's message building
 (bench/tapcost.py). Here a short JITed program reads the headers and returns; a packet it
 keeps is copied once, into a ring this process maps, with no wakeup (the reader polls on
-its own clock). What it keeps is nflog's choice (discover/nflog.py): DNS both ways on
+its own clock). Per packet here: 90-120 ns for one it does not keep (30-65 of them the
+tcx hook itself), 150-220 ns for one it keeps, against 0.9 us through nflog and 0.45 us
+through the packet socket. What it keeps is nflog's choice (discover/nflog.py): DNS both ways on
 port 53, the UDP the service sends (once per flow every UDP_EVERY_S, its first
-UDP_SNAPLEN bytes), its connection attempts (SYN without ACK), its TLS ClientHellos (from
-the ephemeral port range), and every IP fragment (the dissector reassembles; a later
-fragment carries no ports to judge by).
+UDP_SNAPLEN bytes), its connection attempts (SYN without ACK) and its TLS ClientHellos
+(from the ephemeral port range).
 
 What it sees, next to the others: the devices present when it opens (a device added
 later is not tapped; loopback never, as with the other taps), forwarded packets too (as
-the packet socket), IPv4 and IPv6 fragments as they are on the wire, IPv6 only without
+the packet socket), fragments as they are on the wire (a first IPv4 fragment is judged
+by its ports, a later one has none and is never kept, which the dissector could not read
+either; IPv6 fragments are all kept, for the dissector to judge), IPv6 only without
 extension headers before TCP or UDP (a fragment header aside). Devices with an Ethernet
 header or none (tunnels) are read; any other kind of device makes the tap refuse, and
 `auto` uses nflog instead. Drops are exact: the program counts every packet it could not

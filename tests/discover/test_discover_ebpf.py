@@ -15,7 +15,18 @@ import time
 import pytest
 from tap_traffic import udp_echo
 
-from depdrill.bpf import R0, TCX_NEXT, Asm, attached
+from depdrill.bpf import (
+    MAP_ARRAY,
+    MAP_LRU_HASH,
+    MAP_RINGBUF,
+    R0,
+    TCX_NEXT,
+    Asm,
+    BpfUnavailable,
+    attached,
+    create_map,
+    load_program,
+)
 from depdrill.discover.ebpf import EbpfCapture, program
 from depdrill.discover.packets import decode_ip
 from depdrill.netns import Target, entered
@@ -132,8 +143,6 @@ def _udp_packet(src: str, dst: str, sport: int, dport: int, payload: bytes) -> b
 
 def test_both_programs_pass_the_verifier_for_every_kind_of_device(scratch_net: ScratchNet) -> None:
     # Given the capture's maps in a real namespace
-    from depdrill.bpf import MAP_ARRAY, MAP_LRU_HASH, MAP_RINGBUF, create_map, load_program
-
     maps = [
         create_map(MAP_RINGBUF, 0, 0, 1 << 16, "t_ring"),
         create_map(MAP_LRU_HASH, 40, 8, 16, "t_flows"),
@@ -170,3 +179,12 @@ def test_the_assembler_resolves_labels_and_refuses_a_missing_one() -> None:
     b.label("x")
     with pytest.raises(ValueError, match="placed twice"):
         b.label("x")
+
+
+def test_a_refused_program_says_what_the_verifier_said() -> None:
+    # Given a program that returns without setting its verdict
+    a = Asm()
+    a.exit()
+    # When it is loaded, then the kernel's refusal comes with the verifier's words
+    with pytest.raises(BpfUnavailable, match=r"refused the BPF program: .*verifier: .*R0"):
+        load_program(a.assemble(), "t_refused")
