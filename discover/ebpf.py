@@ -13,15 +13,15 @@ port 53, the UDP the service sends (once per flow every UDP_EVERY_S, its first
 UDP_SNAPLEN bytes), its connection attempts (SYN without ACK) and its TLS ClientHellos
 (from the ephemeral port range).
 
-What it sees, next to the others: the devices present when it opens (a device added
-later is not tapped; loopback never, as with the other taps), forwarded packets too (as
-the packet socket), fragments as they are on the wire (a first IPv4 fragment is judged
+What it sees, next to the others: every device of the namespace, including those that
+appear while it captures (loopback never, as with the other taps), forwarded packets too
+(as the packet socket), fragments as they are on the wire (a first IPv4 fragment is judged
 by its ports, a later one has none and is never kept, which the dissector could not read
 either; IPv6 fragments are all kept, for the dissector to judge), IPv6 only without
 extension headers before TCP or UDP (a fragment header aside). Devices with an Ethernet
-header or none (tunnels) are read; any other kind of device makes the tap refuse, and
-`auto` uses nflog instead. Drops are exact: the program counts every packet it could not
-reserve ring space for.
+header or none (tunnels) are read; any other kind of device makes the tap refuse at open,
+and `auto` uses nflog instead (one that appears later is named in `filter`, untapped).
+Drops are exact: the program counts every packet it could not reserve ring space for.
 
 Safety: the program is attached through tcx links (Linux 6.6), which live as long as
 their descriptors: the capture's end, or its process's death (SIGKILL included), detaches
@@ -77,6 +77,7 @@ from depdrill.bpf import (
 )
 from depdrill.discover.capture import POLL_S, ClosesOnExit, Priority, namespace_addresses
 from depdrill.discover.nflog import UDP_EVERY_S, UDP_FLOWS, UDP_SNAPLEN, ephemeral_ports
+from depdrill.netlink import ATTR, NLMSG
 from depdrill.netns import Target, entered
 
 RING_BYTES: Final = 32 << 20  # as the packet socket's buffer: seconds of heavy DNS
@@ -99,6 +100,11 @@ BUSY_SHARE: Final = 4
 LINK_HEADERS: Final = {1: 14, 65534: 0, 768: 0, 769: 0, 776: 0, 778: 0, 823: 0, 519: 0}
 ARPHRD_LOOPBACK: Final = 772
 SIOCGIFHWADDR: Final = 0x8927
+NETLINK_ROUTE: Final = 0
+RTMGRP_LINK: Final = 1
+RTM_NEWLINK: Final = 16
+IFLA_IFNAME: Final = 3
+IFINFO: Final = struct.Struct("=BxHiII")  # family, device type, index, flags, change
 
 ETH_P_IP: Final = socket.htons(0x0800)  # skb->protocol as stored: network byte order
 ETH_P_IPV6: Final = socket.htons(0x86DD)
@@ -352,13 +358,14 @@ def program(
     return a
 
 
-def describe(interfaces: list[str], ports: tuple[int, int]) -> str:
-    """What the program keeps, in words (the graph's record of how it captured)."""
+def describe(interfaces: list[str], ports: tuple[int, int], untapped: list[str]) -> str:
+    """What the programs keep and where, in words (the graph's record of how it captured)."""
+    missed = f"; not tapped: {', '.join(untapped)}" if untapped else ""
     return (
         f"tcx ingress and egress on {', '.join(interfaces) or 'no device'}: "
         "DNS on port 53 (UDP and TCP, both ways), IPv6 fragments, and from the service: "
         f"UDP (a flow every {UDP_EVERY_S} s, {UDP_SNAPLEN} bytes), SYN without ACK, "
-        f"ClientHello from ports {ports[0]}-{ports[1]}"
+        f"ClientHello from ports {ports[0]}-{ports[1]}{missed}"
     )
 
 
@@ -368,6 +375,65 @@ def link_type(name: str) -> int:
         request = struct.pack("16s16x", name.encode()[:15])
         reply = fcntl.ioctl(sock.fileno(), SIOCGIFHWADDR, request)
     return int(struct.unpack_from("H", reply, 16)[0])
+
+
+def _device_announcements() -> socket.socket:
+    """An rtnetlink socket in this thread's namespace, told of every new device."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+    try:
+        sock.bind((0, RTMGRP_LINK))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _new_devices(sock: socket.socket) -> tuple[list[tuple[int, str, int]], bool]:
+    """(index, name, ARPHRD type) of each device announced on `sock` since the last read;
+    and whether announcements were lost (the socket overflowed: list the devices again)."""
+    found: list[tuple[int, str, int]] = []
+    while True:
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return found, False
+        except OSError:  # ENOBUFS
+            return found, True
+        offset = 0
+        while offset + NLMSG.size + IFINFO.size <= len(data):
+            length, kind, *_ = NLMSG.unpack_from(data, offset)
+            if length < NLMSG.size:
+                break
+            if kind == RTM_NEWLINK:
+                _, link, index, _, _ = IFINFO.unpack_from(data, offset + NLMSG.size)
+                name = _attribute(data, offset + NLMSG.size + IFINFO.size, offset + length)
+                if name is not None:
+                    found.append((index, name, link))
+            offset += (length + 3) & ~3
+
+
+def _attribute(data: bytes, start: int, end: int) -> str | None:
+    """The IFLA_IFNAME attribute between `start` and `end`, if there is one."""
+    while start + ATTR.size <= end:
+        length, kind = ATTR.unpack_from(data, start)
+        if length < ATTR.size:
+            return None
+        if kind == IFLA_IFNAME:
+            return (
+                data[start + ATTR.size : start + length].split(b"\0", 1)[0].decode(errors="replace")
+            )
+        start += (length + 3) & ~3
+    return None
+
+
+def _listed_devices() -> list[tuple[int, str, int]]:
+    """(index, name, ARPHRD type) of each device in this thread's namespace."""
+    found = []
+    for index, name in socket.if_nameindex():
+        with contextlib.suppress(OSError):
+            found.append((index, name, link_type(name)))
+    return found
 
 
 class PacketRing(Ring):
@@ -402,20 +468,32 @@ class PacketRing(Ring):
 
 
 class EbpfCapture(ClosesOnExit):
-    """tcx programs on every device of the target's namespace, feeding one ring buffer."""
+    """tcx programs on every device of the target's namespace, feeding one ring buffer.
+
+    A device that appears while it captures (a VPN coming up, a veth a CNI adds) is tapped
+    as it comes: an rtnetlink socket in the namespace, subscribed before the devices are
+    listed, announces it, and the reading loop attaches to it.
+    """
 
     tap: Final = "ebpf"
 
-    def __init__(self, interfaces: list[str], addresses: list[str]) -> None:
-        self.interfaces = interfaces
+    def __init__(self, target: Target, addresses: list[str], ports: tuple[int, int]) -> None:
+        self.interfaces: list[str] = []
         self.service_addresses = addresses
         self.filter = ""
         self.kernel_drops = 0
         self.packet_count = 0
+        self.untapped: list[str] = []  # devices that came later, of a kind it does not read
+        self._target = target
+        self._ports = ports
+        self._maps: tuple[int, int, int] = (-1, -1, -1)  # ring, UDP flows, drops
         self._fds: list[int] = []  # maps and programs: closed with the capture
+        self._programs: dict[tuple[bool, int], int] = {}  # (ingress, link header) -> fd
         self._links: list[int] = []  # closing these detaches the programs
+        self._detached = False
+        self._tapped: set[int] = set()  # ifindexes
         self._ring: PacketRing | None = None
-        self._drops_map = -1
+        self._devices: socket.socket | None = None  # rtnetlink: devices as they come
         self._lock = threading.Lock()
 
     @classmethod
@@ -426,52 +504,80 @@ class EbpfCapture(ClosesOnExit):
         in pages); past it the program counts what it could not keep.
         """
         with entered(target):
-            devices = sorted((i, n) for i, n in socket.if_nameindex() if n != "lo")
-            kinds: dict[int, int] = {}
-            for index, name in devices:
-                try:
-                    kind = link_type(name)
-                except OSError as exc:
-                    raise BpfUnavailable(f"cannot read device {name}: {exc.strerror}") from None
-                if kind == ARPHRD_LOOPBACK:
-                    continue
-                if kind not in LINK_HEADERS:
-                    raise BpfUnavailable(
-                        f"device {name} has link type {kind}, which the eBPF tap does not read"
-                    )
-                kinds[index] = LINK_HEADERS[kind]
-            names = sorted(n for i, n in devices if i in kinds)
-            ports = ephemeral_ports()
-            capture = cls(names, namespace_addresses())
+            capture = cls(target, namespace_addresses(), ephemeral_ports())
             try:
-                capture._attach(kinds, ports, ring_bytes)
+                capture._devices = _device_announcements()
+                devices: dict[int, tuple[str, int]] = {}
+                for index, name in socket.if_nameindex():
+                    try:
+                        kind = link_type(name)
+                    except OSError as exc:
+                        raise BpfUnavailable(f"cannot read device {name}: {exc.strerror}") from None
+                    if kind not in LINK_HEADERS and kind != ARPHRD_LOOPBACK:
+                        raise BpfUnavailable(
+                            f"device {name} has link type {kind}, which the eBPF tap does not read"
+                        )
+                    devices[index] = (name, kind)
+                capture._make_maps(ring_bytes)
+                for index, (name, kind) in sorted(devices.items()):
+                    capture._tap(index, name, kind)
             except BaseException:
                 capture.close()
                 raise
-            capture.filter = describe(names, ports)
         return capture
 
-    def _attach(self, devices: dict[int, int], ports: tuple[int, int], ring_bytes: int) -> None:
+    def _make_maps(self, ring_bytes: int) -> None:
         ring = create_map(MAP_RINGBUF, 0, 0, ring_bytes, "depdrill_ring")
         self._fds.append(ring)
         flows = create_map(MAP_LRU_HASH, FLOW_KEY, 8, UDP_FLOW_ENTRIES, "depdrill_flows")
         self._fds.append(flows)
-        self._drops_map = create_map(MAP_ARRAY, 4, 8, 1, "depdrill_drops")
-        self._fds.append(self._drops_map)
+        drops = create_map(MAP_ARRAY, 4, 8, 1, "depdrill_drops")
+        self._fds.append(drops)
+        self._maps = (ring, flows, drops)
         try:
             self._ring = PacketRing(ring, ring_bytes)
         except OSError as exc:
             raise BpfUnavailable(f"cannot map the BPF ring: {exc.strerror}") from None
-        programs: dict[tuple[bool, int], int] = {}
-        for ifindex, header in devices.items():
+
+    def _tap(self, ifindex: int, name: str, kind: int) -> None:
+        """Attach to one device, both ways (this thread in the target's namespace)."""
+        if ifindex in self._tapped or kind == ARPHRD_LOOPBACK:
+            return
+        header = LINK_HEADERS.get(kind)
+        if header is None:
+            self.untapped.append(f"{name} (link type {kind})")
+        else:
             for ingress in (True, False):
                 key = (ingress, header)
-                if key not in programs:
-                    code = program(ring, flows, self._drops_map, ingress, header, ports)
+                if key not in self._programs:
+                    code = program(*self._maps, ingress, header, self._ports)
                     fd = load_program(code.assemble(), "depdrill_in" if ingress else "depdrill_out")
                     self._fds.append(fd)
-                    programs[key] = fd
-                self._links.append(attach_tcx(programs[key], ifindex, ingress))
+                    self._programs[key] = fd
+                link = attach_tcx(self._programs[key], ifindex, ingress)
+                with self._lock:
+                    if self._detached:  # closed meanwhile: this one goes too
+                        os.close(link)
+                        return
+                    self._links.append(link)
+            self.interfaces = sorted({*self.interfaces, name})
+        self._tapped.add(ifindex)
+        self.filter = describe(self.interfaces, self._ports, self.untapped)
+
+    def _follow_devices(self) -> None:
+        """Tap the devices announced since the last look."""
+        if self._devices is None:
+            return
+        announced, lost = _new_devices(self._devices)
+        if not announced and not lost:
+            return
+        with entered(self._target):
+            for index, name, kind in announced + (_listed_devices() if lost else []):
+                try:
+                    self._tap(index, name, kind)
+                except BpfUnavailable as exc:  # gone again, or the kernel said no
+                    self.untapped.append(f"{name} ({exc})")
+                    self._tapped.add(index)
 
     def frames(
         self, duration_s: float, stop: threading.Event | None = None, background: bool = False
@@ -500,6 +606,7 @@ class EbpfCapture(ClosesOnExit):
                     yield from self._read(ring, pending)
                     if read > ring.size // BUSY_SHARE and priority is not None:
                         priority.restore()  # the host is busy for long: keep up, not lose
+                self._follow_devices()
                 if priority is not None:
                     priority.lower()
                 light = priority is not None and read < ring.size // LIGHT_SHARE
@@ -523,13 +630,14 @@ class EbpfCapture(ClosesOnExit):
         return batch
 
     def _count_drops(self) -> None:
-        value = lookup(self._drops_map, b"\0\0\0\0", 8) if self._drops_map >= 0 else None
+        drops = self._maps[2]
+        value = lookup(drops, b"\0\0\0\0", 8) if drops >= 0 else None
         if value is not None:
             self.kernel_drops = struct.unpack("=Q", value[:8])[0]
 
     def _detach(self) -> None:
         with self._lock:
-            links, self._links = self._links, []
+            links, self._links, self._detached = self._links, [], True
         for fd in links:
             os.close(fd)
 
@@ -541,5 +649,7 @@ class EbpfCapture(ClosesOnExit):
         if ring is not None:
             with contextlib.suppress(BufferError):
                 ring.close()
+        if self._devices is not None:
+            self._devices.close()
         for fd in fds:
             os.close(fd)

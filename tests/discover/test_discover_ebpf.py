@@ -10,7 +10,10 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from tap_traffic import udp_echo
@@ -102,30 +105,71 @@ def test_a_large_answer_is_kept_whole_and_later_fragments_are_not(scratch_net: S
     assert len(frames) == 4 and capture.kernel_drops == 0
 
 
+@contextmanager
+def _tun(net: ScratchNet, target: Target, name: str, address: str) -> Iterator[int]:
+    """A tun device (no link-layer header) up in the namespace at `address`/30; its fd."""
+    with entered(target):
+        tun = os.open("/dev/net/tun", os.O_RDWR)
+    try:
+        fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+        net.exec(str(target.netns), "ip", "addr", "add", f"{address}/30", "dev", name)
+        net.exec(str(target.netns), "ip", "link", "set", name, "up")
+        yield tun
+    finally:
+        os.close(tun)
+
+
 def test_a_device_without_an_ethernet_header_is_read_at_its_ip_header(
     scratch_net: ScratchNet,
 ) -> None:
     # Given a service whose namespace has a tun device (as WireGuard or a VPN client has)
     svc = scratch_net.add("svc", 10)
     target = Target(netns=svc)
-    with entered(target):
-        tun = os.open("/dev/net/tun", os.O_RDWR)
-    try:
-        fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH", b"ddtun0", IFF_TUN | IFF_NO_PI))
-        scratch_net.exec(svc, "ip", "addr", "add", "198.18.251.1/30", "dev", "ddtun0")
-        scratch_net.exec(svc, "ip", "link", "set", "ddtun0", "up")
-        with EbpfCapture.open(target) as capture:
-            assert capture.interfaces == ["ddtun0", "eth0"]
-            # When a DNS question leaves through the tun device, and one arrives from it
-            with entered(target), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                sock.sendto(b"out", ("198.18.251.2", 53))
-            os.write(tun, _udp_packet("198.18.251.2", "198.18.251.1", 53, 40000, b"in"))
-            segments = [decode_ip(p) for _, p in capture.frames(0.2)]
-    finally:
-        os.close(tun)
+    with (
+        _tun(scratch_net, target, "ddtun0", "198.18.251.1") as tun,
+        EbpfCapture.open(target) as capture,
+    ):
+        assert capture.interfaces == ["ddtun0", "eth0"]
+        # When a DNS question leaves through the tun device, and one arrives from it
+        with entered(target), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"out", ("198.18.251.2", 53))
+        os.write(tun, _udp_packet("198.18.251.2", "198.18.251.1", 53, 40000, b"in"))
+        segments = [decode_ip(p) for _, p in capture.frames(0.2)]
     # Then both were read from their IP header on
     payloads = sorted(s.payload for s in segments if s is not None and 53 in (s.sport, s.dport))
     assert payloads == [b"in", b"out"]
+
+
+def test_a_device_that_appears_during_the_capture_is_tapped_as_it_comes(
+    scratch_net: ScratchNet,
+) -> None:
+    # Given a capture of a service reading in the background
+    svc = scratch_net.add("svc", 10)
+    target = Target(netns=svc)
+    with EbpfCapture.open(target) as capture:
+        stop = threading.Event()
+        frames: list[tuple[float, bytes]] = []
+        reader = threading.Thread(target=lambda: frames.extend(capture.frames(30, stop)))
+        reader.start()
+        try:
+            # When a tun device comes up in its namespace (a VPN starting), and a DNS
+            # question leaves through it once the reader has had a look
+            with _tun(scratch_net, target, "ddtun1", "198.18.251.5"):
+                deadline = time.monotonic() + 5
+                while "ddtun1" not in capture.interfaces and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                with entered(target), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    index = socket.if_nametoindex("ddtun1")
+                    tapped = attached(index, True) + attached(index, False)
+                    sock.sendto(b"late", ("198.18.251.6", 53))
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            reader.join()
+    # Then the device was tapped both ways, and the question was read
+    assert tapped == 2 and capture.interfaces == ["ddtun1", "eth0"]
+    assert "tcx ingress and egress on ddtun1, eth0" in capture.filter
+    assert [s.payload for s in (decode_ip(p) for _, p in frames) if s is not None] == [b"late"]
 
 
 def _udp_packet(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
