@@ -4,6 +4,7 @@ assembler it is written with. What it shares with nflog: test_discover_taps.py."
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -32,8 +33,9 @@ from depdrill.bpf import (
 )
 from depdrill.discover.ebpf import EbpfCapture, program
 from depdrill.discover.packets import decode_ip
+from depdrill.discover.run import open_tap
 from depdrill.netns import Target, entered
-from depdrill.testing import ScratchNet
+from depdrill.testing import RUN, ScratchNet, sh
 
 HOLDER = """
 import sys, time
@@ -44,6 +46,8 @@ print("ready", flush=True)
 time.sleep(60)
 """
 TUNSETIFF = 0x400454CA
+TUNSETLINK = 0x400454CD
+ARPHRD_INFINIBAND = 32
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
 
 
@@ -232,3 +236,42 @@ def test_a_refused_program_says_what_the_verifier_said() -> None:
     # When it is loaded, then the kernel's refusal comes with the verifier's words
     with pytest.raises(BpfUnavailable, match=r"refused the BPF program: .*verifier: .*R0"):
         load_program(a.assemble(), "t_refused")
+
+
+def test_a_device_it_cannot_read_sends_auto_to_nflog_with_the_reason(
+    scratch_net: ScratchNet,
+) -> None:
+    # Given a namespace with a device of a link type the programs cannot parse (a tun
+    # device re-typed to InfiniBand, as TUNSETLINK allows)
+    svc = scratch_net.add("svc", 10)
+    target = Target(netns=svc)
+    with entered(target):
+        tun = os.open("/dev/net/tun", os.O_RDWR)
+    try:
+        fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH", b"ddib0", IFF_TUN | IFF_NO_PI))
+        fcntl.ioctl(tun, TUNSETLINK, ARPHRD_INFINIBAND)
+        # When discovery asks for the eBPF tap, it is refused in one line
+        with pytest.raises(BpfUnavailable, match="device ddib0 has link type 32"):
+            EbpfCapture.open(target)
+        # And "auto" captures through nflog, and says why not eBPF
+        capture, why = open_tap(target, "auto")
+        with contextlib.closing(capture):
+            assert capture.tap == "nflog" and why.startswith("ebpf: device ddib0 has link type")
+        # And nothing of the refused capture stays attached
+        assert _programs(target) == 0
+    finally:
+        os.close(tun)
+
+
+def test_a_namespace_with_loopback_alone_is_captured_on_no_device_and_says_so() -> None:
+    # Given a namespace with nothing but loopback
+    name = f"ddt{RUN}lo"
+    sh("ip", "netns", "add", name)
+    try:
+        # When the eBPF tap opens there
+        with EbpfCapture.open(Target(netns=name)) as capture:
+            # Then it taps nothing, and its description says so
+            assert capture.interfaces == []
+            assert capture.filter.startswith("tcx ingress and egress on no device: DNS")
+    finally:
+        sh("ip", "netns", "del", name, check=False)
