@@ -87,6 +87,7 @@ UDP_FLOW_ENTRIES: Final = 2 * UDP_FLOWS  # one map for both families
 # answers the second, a full-size frame the fourth, a GSO segment the last.
 TIERS: Final = (128, 256, 512, 2048, 65536)
 RECORD: Final = struct.Struct("=QII")  # monotonic ns, bytes copied, the packet's length
+READ_CHUNK: Final = 1 << 20  # ring bytes turned into packets at a time (memory stays flat)
 READ_PAUSE_S: Final = 0.05  # records gather this long between reads (nflog's flush time)
 BATCH_PAUSE_S: Final = 0.3  # in the background under light load (nflog's BATCH_PAUSE_S)
 # Under 1/LIGHT_SHARE of the ring read in a round, the load is light; past 1/BUSY_SHARE
@@ -600,12 +601,9 @@ class EbpfCapture(ClosesOnExit):
                 if now >= deadline:
                     break
                 read = 0
-                while True:
-                    pending = ring.pending()
-                    if not pending:
-                        break
-                    read += pending
-                    yield from self._read(ring, pending)
+                while pending := ring.pending():
+                    read += min(pending, READ_CHUNK)
+                    yield from self._read(ring, READ_CHUNK)
                     if read > ring.size // BUSY_SHARE and priority is not None:
                         priority.restore()  # the host is busy for long: keep up, not lose
                 self._follow_devices()
@@ -620,7 +618,8 @@ class EbpfCapture(ClosesOnExit):
             if priority is not None:  # whoever stopped us waits for the drain
                 priority.restore()
             self._detach()  # nothing more is written: what the ring holds is the rest
-            yield from self._read(ring, ring.pending())
+            while batch := self._read(ring, READ_CHUNK):
+                yield from batch
             self._count_drops()
         finally:
             if priority is not None:
