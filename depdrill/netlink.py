@@ -38,3 +38,16 @@ def error_code(reply: bytes, offset: int = 0) -> int:
     """The errno an NLMSG_ERROR message at `offset` carries (0: an acknowledgement)."""
     (code,) = _ERROR_CODE.unpack_from(reply, offset + NLMSG.size)
     return -int(code)
+
+
+def find_attr(data: bytes, start: int, end: int, kind: int) -> bytes | None:
+    """The payload of the first attribute of `kind` between `start` and `end`, or None.
+    (For cold paths: the per-packet readers walk their attributes inline.)"""
+    while start + ATTR.size <= end:
+        length, found = ATTR.unpack_from(data, start)
+        if length < ATTR.size:
+            return None
+        if found & 0x3FFF == kind:  # without the nested and byte-order flags
+            return data[start + ATTR.size : start + length]
+        start += (length + 3) & ~3
+    return None

@@ -34,6 +34,7 @@ import socket
 import struct
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -189,11 +190,11 @@ def _may_leave_idle() -> bool:
     return soft == resource.RLIM_INFINITY or 20 - os.getpriority(os.PRIO_PROCESS, 0) <= soft
 
 
-class ClosesOnExit:
+class ClosesOnExit(ABC):
     """`with capture:` closes it, whichever tap it is."""
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def close(self) -> None: ...
 
     def __enter__(self) -> Self:
         return self

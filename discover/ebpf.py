@@ -77,7 +77,7 @@ from depdrill.bpf import (
 )
 from depdrill.discover.capture import ClosesOnExit, Priority, namespace_addresses
 from depdrill.discover.nflog import UDP_EVERY_S, UDP_FLOWS, UDP_SNAPLEN, ephemeral_ports
-from depdrill.netlink import ATTR, NLMSG
+from depdrill.netlink import NLMSG, find_attr
 from depdrill.netns import Target, entered
 
 RING_BYTES: Final = 32 << 20  # as the packet socket's buffer: seconds of heavy DNS
@@ -408,24 +408,11 @@ def _new_devices(sock: socket.socket) -> tuple[list[tuple[int, str, int]], bool]
                 break
             if kind == RTM_NEWLINK:
                 _, link, index, _, _ = IFINFO.unpack_from(data, offset + NLMSG.size)
-                name = _attribute(data, offset + NLMSG.size + IFINFO.size, offset + length)
+                start = offset + NLMSG.size + IFINFO.size
+                name = find_attr(data, start, offset + length, IFLA_IFNAME)
                 if name is not None:
-                    found.append((index, name, link))
+                    found.append((index, name.split(b"\0", 1)[0].decode(errors="replace"), link))
             offset += (length + 3) & ~3
-
-
-def _attribute(data: bytes, start: int, end: int) -> str | None:
-    """The IFLA_IFNAME attribute between `start` and `end`, if there is one."""
-    while start + ATTR.size <= end:
-        length, kind = ATTR.unpack_from(data, start)
-        if length < ATTR.size:
-            return None
-        if kind == IFLA_IFNAME:
-            return (
-                data[start + ATTR.size : start + length].split(b"\0", 1)[0].decode(errors="replace")
-            )
-        start += (length + 3) & ~3
-    return None
 
 
 def _listed_devices() -> list[tuple[int, str, int]]:
@@ -565,7 +552,6 @@ class EbpfCapture(ClosesOnExit):
                     self._links.append(link)
             self.interfaces = sorted({*self.interfaces, name})
         self._tapped.add(ifindex)
-        self.filter = describe(self.interfaces, self._ports, self.untapped)
 
     def _follow_devices(self) -> None:
         """Tap the devices announced since the last look."""
@@ -581,6 +567,7 @@ class EbpfCapture(ClosesOnExit):
                 except BpfUnavailable as exc:  # gone again, or the kernel said no
                     self.untapped.append(f"{name} ({exc})")
                     self._tapped.add(index)
+        self.filter = describe(self.interfaces, self._ports, self.untapped)
 
     def frames(
         self, duration_s: float, stop: threading.Event | None = None, background: bool = False

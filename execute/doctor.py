@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from depdrill.errors import DepdrillError
 from depdrill.netns import Target, entered
@@ -181,11 +182,11 @@ def _nfqueue_release(target: Target) -> str:
 def _nflog_capture(target: Target) -> str:
     from depdrill.discover.nflog import NflogCapture, NflogUnavailable
 
-    try:
-        capture = NflogCapture.open(target)
-    except NflogUnavailable as exc:
-        raise _Missing(f"{exc}; without eBPF, discovery captures with a packet socket") from None
-    capture.close()
+    capture = _opened(
+        lambda: NflogCapture.open(target),
+        NflogUnavailable,
+        "without eBPF, discovery captures with a packet socket",
+    )
     return f"an owner nft table logged to NFLOG group {capture.group}, read over nfnetlink_log"
 
 
@@ -193,12 +194,27 @@ def _ebpf_capture(target: Target) -> str:
     from depdrill.bpf import BpfUnavailable
     from depdrill.discover.ebpf import EbpfCapture
 
-    try:
-        capture = EbpfCapture.open(target)
-    except BpfUnavailable as exc:
-        raise _Missing(f"{exc}; discovery captures through nflog instead") from None
-    capture.close()
+    capture = _opened(
+        lambda: EbpfCapture.open(target), BpfUnavailable, "discovery captures through nflog instead"
+    )
     return f"tcx programs loaded and attached to {', '.join(capture.interfaces)}, then detached"
+
+
+class _Closes(Protocol):
+    def close(self) -> None: ...
+
+
+_Tap = TypeVar("_Tap", bound=_Closes)
+
+
+def _opened(open_tap: Callable[[], _Tap], refused: type[Exception], instead: str) -> _Tap:
+    """A capture tap opened for real and closed again; refused, what discovery does instead."""
+    try:
+        capture = open_tap()
+    except refused as exc:
+        raise _Missing(f"{exc}; {instead}") from None
+    capture.close()
+    return capture
 
 
 def _netem() -> str:
