@@ -32,6 +32,8 @@ interval is under 1.02; "not resolved" when the interval straddles it.
 By default every process floats over every CPU, as on a host. `--pin` is the harsh case
 for a 2-core box: the load on one CPU, and the service, dnsmasq and the capture confined
 to the other, so the capture's packet loop can only ever run on the service's own CPU.
+`--taps ebpf,ebpf-copy` sets the ebpf tap against itself copying every DNS packet to
+depdrill, as it did before it counted repeated exchanges in the kernel (discover/fold.py).
 `--tap-only` opens each tap (programs and ring; rules and NFLOG group; or socket, filter
 and ring) and never reads it: the kernel's share of the cost, apart from the packet
 loop's (bench/tapcost.py prices it per packet).
@@ -62,6 +64,9 @@ PORT = 8080
 TARGET_RISE = 0.02
 RATE = 2000
 TAPS = ("ebpf", "nflog", "packet")
+# Not run by default: the ebpf tap copying every DNS packet to depdrill, as it did before
+# it counted repeated exchanges in the kernel (DiscoverOptions.fold False).
+VARIANTS = ("ebpf-copy",)
 
 SERVICE = """
 import socket, sys, os
@@ -92,7 +97,10 @@ CAPTURE = """
 import resource, sys, threading
 from depdrill.discover.run import DiscoverOptions, run
 from depdrill.netns import Target
-options = DiscoverOptions(target=Target(netns=sys.argv[1]), duration_s=3600, tap=sys.argv[2])
+tap = sys.argv[2].removesuffix("-copy")  # ebpf-copy: ebpf copying every packet, no folds
+options = DiscoverOptions(
+    target=Target(netns=sys.argv[1]), duration_s=3600, tap=tap, fold=tap == sys.argv[2]
+)
 print("ready", flush=True)
 def cpu():
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -109,7 +117,7 @@ for line in sys.stdin:
     stop.set()
     thread.join()
     capture = graphs[0].capture
-    assert capture.tap == sys.argv[2], capture.tap_fallback
+    assert capture.tap == tap, capture.tap_fallback
     counts = capture.dns_messages, capture.kernel_drops, ",".join(capture.interfaces), used
     print(*counts, flush=True)
 """
@@ -122,7 +130,8 @@ from depdrill.discover.run import open_tap
 from depdrill.netns import Target
 print("ready", flush=True)
 for line in sys.stdin:
-    capture, _ = open_tap(Target(netns=sys.argv[1]), sys.argv[2])
+    tap = sys.argv[2].removesuffix("-copy")
+    capture, _ = open_tap(Target(netns=sys.argv[1]), tap, fold=tap == sys.argv[2])
     print("capturing", flush=True)
     sys.stdin.readline()
     capture.close()
@@ -294,7 +303,9 @@ def main() -> int:
         help="the service resolves its dependency on every Nth request (1: on each)",
     )
     parser.add_argument(
-        "--taps", default=",".join(TAPS), help=f"capture arms, comma-separated: {', '.join(TAPS)}"
+        "--taps",
+        default=",".join(TAPS),
+        help=f"capture arms, comma-separated: {', '.join(TAPS + VARIANTS)}",
     )
     parser.add_argument(
         "--pin", action="store_true", help="load on one CPU; service, dnsmasq, capture on the rest"
@@ -306,8 +317,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     chosen = [t for t in args.taps.split(",") if t]
-    if not chosen or set(chosen) - set(TAPS):
-        parser.error(f"--taps takes {', '.join(TAPS)}")
+    if not chosen or set(chosen) - set(TAPS + VARIANTS):
+        parser.error(f"--taps takes {', '.join(TAPS + VARIANTS)}")
     if os.geteuid() != 0:
         print("bench/overhead.py needs root (network namespaces)")
         return 2

@@ -34,10 +34,11 @@ transaction puts through the service's interfaces, to read a cost per packet:
   read here): an nft table whose rules log DNS, the service's UDP, its SYNs and its
   ClientHellos to an NFLOG group bound by depdrill, so every other packet of the service
   meets a few rule tests, and nothing more;
-- `ebpf`: discovery's default capture as it runs (EbpfCapture.open, read in a background
-  thread as discovery reads it, so a kept packet's copy is a copy and not a counted drop):
-  a tcx program on eth0's ingress and egress that reads the headers and copies what
-  discovery keeps into a BPF ring;
+- `ebpf`: discovery's default capture as it runs (EbpfCapture.open with folding, read in
+  a background thread as discovery reads it, so a kept packet's copy is a copy and not a
+  counted drop): a tcx program on eth0's ingress and egress that reads the headers and
+  copies what discovery keeps into a BPF ring (the workloads here serve DNS, they do not
+  ask it, so folding's path is bench/progcost.py's to price);
 - `tcx`: an empty tcx program (it returns at once) on eth0's ingress and egress: the
   hook's own cost, under `ebpf`'s;
 - `tstamp`: no tap, but a socket with SO_TIMESTAMP open on the host, which switches on
@@ -191,7 +192,8 @@ def arms(net: ScratchNet, service: str) -> dict[str, Arm]:
     def ebpf(stack: ExitStack) -> None:
         # Read as discovery reads it: a ring never drained would fill and turn each kept
         # packet's copy into a counted drop, which costs less.
-        capture = stack.enter_context(EbpfCapture.open(target))
+        capture = stack.enter_context(EbpfCapture.open(target, fold=True))
+        capture.on_repeat = lambda repeat: None
         stop = threading.Event()
         reader = threading.Thread(target=lambda: deque(capture.frames(1e9, stop, True), 0))
         reader.start()

@@ -26,10 +26,17 @@ from depdrill.errors import CapabilityError
 # bpf(2) commands, map, program and attach types, helpers (linux/bpf.h).
 BPF_MAP_CREATE: Final = 0
 BPF_MAP_LOOKUP_ELEM: Final = 1
+BPF_MAP_UPDATE_ELEM: Final = 2
+BPF_MAP_DELETE_ELEM: Final = 3
 BPF_PROG_LOAD: Final = 5
+BPF_OBJ_GET_INFO_BY_FD: Final = 15
 BPF_PROG_QUERY: Final = 16
+BPF_MAP_LOOKUP_BATCH: Final = 24
 BPF_LINK_CREATE: Final = 28
+BPF_ENABLE_STATS: Final = 32
+MAP_HASH: Final = 1
 MAP_ARRAY: Final = 2
+MAP_PERCPU_ARRAY: Final = 6
 MAP_LRU_HASH: Final = 9
 MAP_RINGBUF: Final = 27
 PROG_SCHED_CLS: Final = 3
@@ -44,6 +51,8 @@ HELPER_SKB_LOAD_BYTES: Final = 26
 HELPER_RINGBUF_RESERVE: Final = 131
 HELPER_RINGBUF_SUBMIT: Final = 132
 HELPER_RINGBUF_DISCARD: Final = 133
+NOEXIST: Final = 1  # map update: only where the key is not yet present
+NO_PREALLOC: Final = 1  # map flags: elements allocated as they are added
 RB_NO_WAKEUP: Final = 1  # the reader polls on its own clock: no wakeup on the packet path
 
 # Instruction classes, sizes, modes, operations (linux/bpf_common.h, linux/bpf.h).
@@ -53,13 +62,14 @@ _MEM, _ATOMIC, _IMM64 = 0x60, 0xC0, 0x18
 _X = 0x08  # the source is a register, not the immediate
 ALU: Final = {
     "+=": 0x00, "-=": 0x10, "*=": 0x20, "|=": 0x40, "&=": 0x50, "<<=": 0x60, ">>=": 0x70,
-    "=": 0xB0,
+    "^=": 0xA0, "=": 0xB0,
 }  # fmt: skip
 JUMPS: Final = {
     "==": 0x10, ">": 0x20, ">=": 0x30, "&": 0x40, "!=": 0x50, "<": 0xA0, "<=": 0xB0,
     "s<": 0xC0,
 }  # fmt: skip
 _JA, _CALL, _EXIT, _END_TO_BE = 0x00, 0x80, 0x90, 0xD8
+_XCHG, _CMPXCHG = 0xE1, 0xF1  # atomic operations, with BPF_FETCH
 _PSEUDO_MAP_FD = 1
 _INSN: Final = struct.Struct("<BBhi")
 R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, FP = range(11)
@@ -118,6 +128,16 @@ class Asm:
         """*(u64 *)(base + offset) += src, atomically (the other CPUs run it too)."""
         self._emit(_STX | _ATOMIC | SIZES[8], base, src, offset, 0)
 
+    def compare_exchange(self, base: int, offset: int, src: int) -> None:
+        """If *(u64 *)(base + offset) == r0, store src there; either way r0 = what it held
+        (atomically: the claim of a slot that other CPUs may claim too)."""
+        self._emit(_STX | _ATOMIC | SIZES[8], base, src, offset, _CMPXCHG)
+
+    def exchange(self, base: int, offset: int, src: int) -> None:
+        """*(u64 *)(base + offset) = src, and src = what it held, atomically (a full
+        barrier: what was written before is seen before the new value)."""
+        self._emit(_STX | _ATOMIC | SIZES[8], base, src, offset, _XCHG)
+
     def load_map(self, dst: int, map_fd: int) -> None:
         """dst = the map behind `map_fd` (a two-slot instruction the kernel rewrites)."""
         self._emit(_IMM64, dst, _PSEUDO_MAP_FD, 0, map_fd)
@@ -170,36 +190,45 @@ class _Syscall:
         self._libc.syscall.restype = ctypes.c_long
 
     def __call__(
-        self, command: int, attr: bytes | bytearray
-    ) -> tuple[int, ctypes.Array[ctypes.c_char]]:
+        self, command: int, attr: bytes | bytearray, check: bool = True
+    ) -> tuple[int, int, ctypes.Array[ctypes.c_char]]:
+        """The result, errno (0 when it worked) and the attribute buffer as the kernel left
+        it; with `check`, a failure raises OSError instead."""
         buffer = ctypes.create_string_buffer(bytes(attr), max(len(attr), 128))
         result = self._libc.syscall(
             ctypes.c_long(self._number), ctypes.c_int(command), buffer, ctypes.c_uint(len(buffer))
         )
-        if result < 0:
-            code = ctypes.get_errno()
+        code = ctypes.get_errno() if result < 0 else 0
+        if result < 0 and check:
             raise OSError(code, os.strerror(code))
-        return int(result), buffer
+        return int(result), code, buffer
 
 
 _bpf: _Syscall | None = None
 
 
-def bpf(command: int, attr: bytes | bytearray) -> tuple[int, ctypes.Array[ctypes.c_char]]:
-    """One bpf(2) call: its result and the attribute buffer as the kernel left it."""
+def _syscall() -> _Syscall:
     global _bpf
     if _bpf is None:
         _bpf = _Syscall()
-    return _bpf(command, attr)
+    return _bpf
+
+
+def bpf(command: int, attr: bytes | bytearray) -> tuple[int, ctypes.Array[ctypes.c_char]]:
+    """One bpf(2) call: its result and the attribute buffer as the kernel left it."""
+    result, _, buffer = _syscall()(command, attr)
+    return result, buffer
 
 
 def _name(text: str) -> bytes:
     return text.encode()[:15].ljust(16, b"\0")
 
 
-def create_map(kind: int, key_size: int, value_size: int, entries: int, name: str) -> int:
+def create_map(
+    kind: int, key_size: int, value_size: int, entries: int, name: str, flags: int = 0
+) -> int:
     """A new map's descriptor (close-on-exec, as every bpf(2) descriptor)."""
-    attr = struct.pack("<IIIIIII", kind, key_size, value_size, entries, 0, 0, 0) + _name(name)
+    attr = struct.pack("<IIIIIII", kind, key_size, value_size, entries, flags, 0, 0) + _name(name)
     try:
         fd, _ = bpf(BPF_MAP_CREATE, attr)
     except OSError as exc:
@@ -214,13 +243,64 @@ def lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
     attr = struct.pack(
         "<IIQQQ", map_fd, 0, ctypes.addressof(key_buffer), ctypes.addressof(value), 0
     )
-    try:
-        bpf(BPF_MAP_LOOKUP_ELEM, attr)
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return None
-        raise
-    return value.raw
+    return value.raw if _found(BPF_MAP_LOOKUP_ELEM, attr) else None
+
+
+def update(map_fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
+    """Store `value` under `key` (`flags` NOEXIST: only where nothing is stored yet)."""
+    key_buffer = ctypes.create_string_buffer(key, len(key))
+    value_buffer = ctypes.create_string_buffer(value, len(value))
+    attr = struct.pack(
+        "<IIQQQ", map_fd, 0, ctypes.addressof(key_buffer), ctypes.addressof(value_buffer), flags
+    )
+    bpf(BPF_MAP_UPDATE_ELEM, attr)
+
+
+def delete(map_fd: int, key: bytes) -> bool:
+    """Remove `key`; whether it was there."""
+    key_buffer = ctypes.create_string_buffer(key, len(key))
+    return _found(BPF_MAP_DELETE_ELEM, struct.pack("<IIQ", map_fd, 0, ctypes.addressof(key_buffer)))
+
+
+def _found(command: int, attr: bytes) -> bool:
+    """Run a map command on one key: False when the key is not there (ENOENT)."""
+    result, code, _ = _syscall()(command, attr, check=False)
+    if result < 0 and code != errno.ENOENT:
+        raise OSError(code, os.strerror(code))
+    return result >= 0
+
+
+def entries(
+    map_fd: int, key_size: int, value_size: int, batch: int = 256
+) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of a hash map, `batch` at a time (BPF_MAP_LOOKUP_BATCH): a few
+    calls for the whole map. An entry added or removed meanwhile may be in it or not."""
+    keys = ctypes.create_string_buffer(key_size * batch)
+    values = ctypes.create_string_buffer(value_size * batch)
+    token = ctypes.create_string_buffer(max(key_size, 8))  # where the walk stands
+    found: list[tuple[bytes, bytes]] = []
+    first = True
+    while True:
+        attr = struct.pack(
+            "<QQQQIIQQ",
+            0 if first else ctypes.addressof(token), ctypes.addressof(token),
+            ctypes.addressof(keys), ctypes.addressof(values), batch, map_fd, 0, 0,
+        )  # fmt: skip
+        result, code, reply = _syscall()(BPF_MAP_LOOKUP_BATCH, attr, check=False)
+        if result < 0 and code != errno.ENOENT:
+            raise OSError(code, os.strerror(code))
+        count = int(struct.unpack_from("<I", reply.raw, 32)[0])
+        raw_keys, raw_values = keys.raw, values.raw
+        for index in range(count):
+            found.append(
+                (
+                    raw_keys[index * key_size : (index + 1) * key_size],
+                    raw_values[index * value_size : (index + 1) * value_size],
+                )
+            )
+        if result < 0:  # ENOENT: the walk is over
+            return found
+        first = False
 
 
 def load_program(program: bytes, name: str, license_: str = "Apache-2.0") -> int:
@@ -285,6 +365,29 @@ def attached(ifindex: int, ingress: bool) -> int:
             f"cannot list interface {ifindex}'s programs: {exc.strerror}"
         ) from None
     return int(struct.unpack_from("<I", reply.raw, 24)[0])
+
+
+def run_statistics() -> int:
+    """A descriptor that keeps the kernel timing every BPF program's runs while it is open
+    (BPF_ENABLE_STATS: closing it, or the process's death, switches it off again)."""
+    try:
+        fd, _ = bpf(BPF_ENABLE_STATS, struct.pack("<I", 0))  # BPF_STATS_RUN_TIME
+    except OSError as exc:
+        raise BpfUnavailable(f"cannot time BPF programs: {exc.strerror}") from None
+    return fd
+
+
+def run_time(program_fd: int) -> tuple[int, int]:
+    """(ns spent in it, runs) of a program, counted while run_statistics() was open."""
+    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    attr = struct.pack("<IIQ", program_fd, _PROG_INFO_SIZE, ctypes.addressof(info))
+    bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    spent, runs = struct.unpack_from("<QQ", info.raw, _PROG_INFO_RUN_TIME)
+    return spent, runs
+
+
+_PROG_INFO_RUN_TIME: Final = 192  # struct bpf_prog_info's run_time_ns, then run_cnt
+_PROG_INFO_SIZE: Final = 232
 
 
 # A ring buffer map's records (kernel/bpf/ringbuf.c): an 8-byte header, its length's top

@@ -86,7 +86,11 @@ def entered(target: Target) -> Iterator[None]:
     target.check()
     own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
     try:
-        theirs = os.open(target.path, os.O_RDONLY)
+        try:
+            theirs = os.open(target.path, os.O_RDONLY)
+        except FileNotFoundError:  # removed since check(): the same error as before it
+            target.check()
+            raise
         try:
             _setns(theirs)
         finally:

@@ -155,13 +155,15 @@ class GraphBuilder:
         self._known_names: set[str] = set()
         self._folded_names: set[str] = set()
         self._resolvers: dict[tuple[str, int], _Resolver] = {}
-        self._cnames: dict[tuple[str, str], int] = {}
-        self._answers: dict[tuple[str, str], tuple[str, int]] = {}
+        # The TTL each record had in the latest answer that carried it, and that answer's time.
+        self._cnames: dict[tuple[str, str], tuple[int, float]] = {}
+        self._answers: dict[tuple[str, str], tuple[str, int, float]] = {}
         self._answered_for: dict[str, set[str]] = {}  # address -> names asked that gave it
         self._endpoints: dict[tuple[str, int, Proto], _Seen] = {}
         self._sni: dict[tuple[str, int, Proto], str] = {}
         self._udp_flows: set[tuple[str, int, str, int]] = set()
         self._pending: OrderedDict[PendingKey, float] = OrderedDict()
+        self._unpaired_port = 0  # below zero: the ports of repeated questions (add_repeats)
         self._encrypted_dns: Counter[str] = Counter()
         self._aggregated: Counter[str] = Counter()
         self.last_time: float | None = None
@@ -183,6 +185,43 @@ class GraphBuilder:
             self._tcp(ev)
         else:
             self._udp(ev)
+
+    def add_repeats(self, question: PacketEvent, answer: PacketEvent, count: int) -> None:
+        """`count` exchanges of this question and this answer, each answered (the eBPF tap
+        paired them in the kernel: discover/fold.py), the last asked at `question.time`:
+        what adding each pair would do, at the cost of one."""
+        asked = question.dns[0] if len(question.dns) == 1 else None
+        told = answer.dns[0] if len(answer.dns) == 1 else None
+        paired = (
+            asked is not None
+            and told is not None
+            and question.src in self.service_addresses
+            and answer.dst in self.service_addresses
+            and question.dport == DNS_PORT == answer.sport
+            and not asked.response
+            and told.response
+            and asked.qname is not None
+            and (asked.qname, asked.qtype or "?") == (told.qname, told.qtype or "?")
+        )
+        if not paired:
+            if question.src in self.service_addresses or answer.dst in self.service_addresses:
+                # Not a pair the graph matches (an answer to another question): each as it
+                # came, each question under a port of its own, as the real ones had.
+                for _ in range(count):
+                    self._unpaired_port -= 1
+                    self.add(question._replace(sport=self._unpaired_port))
+                    self.add(answer._replace(dport=self._unpaired_port))
+            else:  # neither side is the service's: nothing but the time counts
+                self.add(answer)
+            return
+        assert asked is not None and told is not None and asked.qname is not None
+        self.last_time = answer.time if self.last_time is None else max(self.last_time, answer.time)
+        self._resolver(question.dst, question.dport, "dns").hit(question.time, count)
+        name = self._name(asked.qname, lookup=True)
+        lookups = self._lookups_of(name)
+        lookups.hit(question.time, count)
+        lookups.qtypes.add(asked.qtype or "?")
+        self._answered(name, lookups, answer, told, count)
 
     def _query(self, ev: PacketEvent, msg: DnsMessage) -> None:
         resolver = self._resolver(ev.dst, ev.dport, "dns")
@@ -213,17 +252,27 @@ class GraphBuilder:
             lookups.hit(ev.time)
             lookups.qtypes.add(msg.qtype or "?")
             self._resolver(ev.src, ev.sport, "dns").hit(ev.time)
-        lookups.rcodes[msg.rcode] += 1
-        lookups.truncated += msg.truncated and ev.proto == "udp"
+        self._answered(name, lookups, ev, msg)
+
+    def _answered(
+        self, name: str, lookups: _Lookups, ev: PacketEvent, msg: DnsMessage, count: int = 1
+    ) -> None:
+        """What `count` answers like `msg` (to a lookup of `name`) add to the graph."""
+        lookups.rcodes[msg.rcode] += count
+        lookups.truncated += count * (msg.truncated and ev.proto == "udp")
         for record in msg.answers:
             if len(self._answers) + len(self._cnames) >= self.max_answers:
-                self._aggregated[PAST_ANSWER_LIMIT] += 1
+                self._aggregated[PAST_ANSWER_LIMIT] += count
                 break
             owner = self._name(record.owner)
             if record.rtype == "CNAME":
-                self._cnames[(owner, self._name(record.value))] = record.ttl
+                alias = (owner, self._name(record.value))
+                if ev.time >= self._cnames.get(alias, (0, ev.time))[1]:
+                    self._cnames[alias] = (record.ttl, ev.time)
             else:
-                self._answers[(owner, record.value)] = (record.rtype, record.ttl)
+                key = (owner, record.value)
+                if ev.time >= self._answers.get(key, ("", 0, ev.time))[2]:
+                    self._answers[key] = (record.rtype, record.ttl, ev.time)
                 asked = self._answered_for.setdefault(record.value, set())
                 if len(asked) < MAX_NAMES_PER_ADDRESS:
                     asked.add(name)
@@ -352,11 +401,11 @@ class GraphBuilder:
                     expansion_queries=sum(self._lookups[f].count for f in folded),
                 )
             )  # fmt: skip
-        for (owner, alias), ttl in self._cnames.items():
+        for (owner, alias), (ttl, _) in self._cnames.items():
             self._name_node(nodes, owner)
             self._name_node(nodes, alias)
             links.append(CnameEdge(source=name_id(owner), target=name_id(alias), ttl=ttl))
-        for (owner, address), (rtype, ttl) in self._answers.items():
+        for (owner, address), (rtype, ttl, _) in self._answers.items():
             self._name_node(nodes, owner)
             family = 6 if ":" in address else 4
             aid = address_id(address)

@@ -22,6 +22,9 @@ extension headers before TCP or UDP (a fragment header aside). Devices with an E
 header or none (tunnels) are read; any other kind of device makes the tap refuse at open,
 and `auto` uses nflog instead (one that appears later is named in `filter`, untapped).
 Drops are exact: the program counts every packet it could not reserve ring space for.
+Opened with `fold` (as discovery opens it), a UDP question the service sends and its
+answer are paired in the kernel, and an exchange that repeats one already copied is only
+counted (discover/fold.py).
 
 Safety: the program is attached through tcx links (Linux 6.6), which live as long as
 their descriptors: the capture's end, or its process's death (SIGKILL included), detaches
@@ -38,7 +41,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Final
 
 from depdrill.bpf import (
@@ -74,8 +77,11 @@ from depdrill.bpf import (
     create_map,
     load_program,
     lookup,
+    run_time,
 )
+from depdrill.discover import fold
 from depdrill.discover.capture import ClosesOnExit, Priority, namespace_addresses
+from depdrill.discover.fold import HELD_MARK, FoldMaps, Folds, Repeat, held_packet
 from depdrill.discover.nflog import UDP_EVERY_S, UDP_FLOWS, UDP_SNAPLEN, ephemeral_ports
 from depdrill.netlink import NLMSG, find_attr
 from depdrill.netns import Target, entered
@@ -120,9 +126,16 @@ FLOW_KEY: Final = 40  # source, destination (16 bytes each), ports, IP version, 
 
 
 def program(
-    ring: int, flows: int, drops: int, ingress: bool, link_header: int, ports: tuple[int, int]
+    ring: int,
+    flows: int,
+    drops: int,
+    ingress: bool,
+    link_header: int,
+    ports: tuple[int, int],
+    folds: FoldMaps | None = None,
 ) -> Asm:
-    """The tcx program for one direction of one kind of device.
+    """The tcx program for one direction of one kind of device; with `folds`, questions to
+    port 53 and their answers over UDP go through discover/fold.py first.
 
     r6: the skb. r7: the transport header's offset. r8: the IP header (in the packet, or
     copied to the stack), then a record. r9: the transport header, then bytes to copy.
@@ -131,10 +144,17 @@ def program(
     a = Asm()
     l3 = link_header
 
-    def header(pointer: int, offset_reg: int | None, offset: int, into: int, length: int) -> None:
+    def header(
+        pointer: int,
+        offset_reg: int | None,
+        offset: int,
+        into: int,
+        length: int,
+        short: str = "next",
+    ) -> None:
         """`pointer` = the `length` bytes at skb offset (offset_reg +) offset: in place when
         the skb's linear part holds them (no helper call: the path every packet takes),
-        else copied to the stack at fp + into. Fails to `next` when the packet is shorter."""
+        else copied to the stack at fp + into. Fails to `short` when the packet is shorter."""
         copy, done = f"copy{len(a)}", f"read{len(a)}"
         a.load(R2, R6, SKB_DATA, 4)
         a.load(R3, R6, SKB_DATA_END, 4)
@@ -149,7 +169,7 @@ def program(
         a.jump(done)
         a.label(copy)
         load_bytes(offset_reg, offset, into, length)
-        a.jump("next", R0, "!=", 0)
+        a.jump(short, R0, "!=", 0)
         a.alu(pointer, "=", FP, reg=True)
         a.alu(pointer, "+=", into)
         a.label(done)
@@ -168,9 +188,13 @@ def program(
         a.alu(R4, "=", length)
         a.call(HELPER_SKB_LOAD_BYTES)
 
-    def ports_of(length: int) -> None:
-        """r9 = the transport header's first `length` bytes; DNS (port 53 either way) kept."""
+    def ports_of(length: int, fold: str | None = None) -> None:
+        """r9 = the transport header's first `length` bytes; DNS (port 53 either way) kept,
+        or with `fold`, a question sent (an answer received) goes to that label."""
         header(R9, R7, 0, L4, length)
+        if fold is not None:
+            a.load(R0, R9, 0 if ingress else 2, 2)
+            a.jump(fold, R0, "==", DNS_PORT)
         for offset in (0, 2):
             a.load(R0, R9, offset, 2)
             a.jump("keep", R0, "==", DNS_PORT)
@@ -185,7 +209,7 @@ def program(
         a.jump("next")
 
         a.label("udp" + v)
-        ports_of(8)
+        ports_of(8, None if folds is None else "fold" + v)
         if ingress:
             a.jump("next")
         else:
@@ -292,6 +316,8 @@ def program(
 
     for version in (4, 6):
         transport(version)
+        if folds is not None:
+            fold.emit(a, folds, ring, drops, version, ingress, header)
     if not ingress:
         flow_and_hello()
 
@@ -359,14 +385,22 @@ def program(
     return a
 
 
-def describe(interfaces: list[str], ports: tuple[int, int], untapped: list[str]) -> str:
+def describe(
+    interfaces: list[str], ports: tuple[int, int], untapped: list[str], folding: bool = False
+) -> str:
     """What the programs keep and where, in words (the graph's record of how it captured)."""
     missed = f"; not tapped: {', '.join(untapped)}" if untapped else ""
+    folded = (
+        "; a UDP question and its answer that repeat an exchange seen in full (byte for "
+        "byte, the ID aside) are counted in the kernel, not copied"
+        if folding
+        else ""
+    )
     return (
         f"tcx ingress and egress on {', '.join(interfaces) or 'no device'}: "
         "DNS on port 53 (UDP and TCP, both ways), IPv6 fragments, and from the service: "
         f"UDP (a flow every {UDP_EVERY_S} s, {UDP_SNAPLEN} bytes), SYN without ACK, "
-        f"ClientHello from ports {ports[0]}-{ports[1]}{missed}"
+        f"ClientHello from ports {ports[0]}-{ports[1]}{folded}{missed}"
     )
 
 
@@ -448,8 +482,11 @@ class PacketRing(Ring):
             if length & BUSY:
                 break  # reserved, not yet submitted: the next read takes it
             if not length & DISCARDED:
-                stamp, copied, _ = record(ring, at + 8)
-                append((stamp * 1e-9 + epoch, ring[at + start : at + start + copied]))
+                stamp, copied, size = record(ring, at + 8)
+                if size == HELD_MARK:  # a question the kernel held (discover/fold.py)
+                    append(held_packet(ring, at + start, epoch))
+                else:
+                    append((stamp * 1e-9 + epoch, ring[at + start : at + start + copied]))
             position += (length & ~DISCARDED) + 15 & ~7  # the header, padded to 8 bytes
         self.release(position)
         return out
@@ -483,13 +520,28 @@ class EbpfCapture(ClosesOnExit):
         self._ring: PacketRing | None = None
         self._devices: socket.socket | None = None  # rtnetlink: devices as they come
         self._lock = threading.Lock()
+        self._folds: Folds | None = None
+        # With folding, where the folds' counts go (set before `frames`).
+        self.on_repeat: Callable[[Repeat], None] | None = None
+
+    @property
+    def folded(self) -> int:
+        """DNS exchanges counted in the kernel (discover/fold.py) and handed on so far."""
+        return 0 if self._folds is None else self._folds.folded
 
     @classmethod
-    def open(cls, target: Target, ring_bytes: int = RING_BYTES) -> EbpfCapture:
+    def open(
+        cls,
+        target: Target,
+        ring_bytes: int = RING_BYTES,
+        fold: bool = False,
+    ) -> EbpfCapture:
         """The capture, keeping packets from the moment this returns.
 
         `ring_bytes`: what the ring holds for a reader that falls behind (a power of two,
-        in pages); past it the program counts what it could not keep.
+        in pages); past it the program counts what it could not keep. `fold`: repeated DNS
+        exchanges are counted in the kernel (discover/fold.py) and handed to `on_repeat`
+        as they are read, instead of coming through `frames` packet by packet.
         """
         with entered(target):
             capture = cls(target, namespace_addresses(), ephemeral_ports())
@@ -507,16 +559,16 @@ class EbpfCapture(ClosesOnExit):
                             f"device {name} has link type {kind}, which the eBPF tap does not read"
                         )
                     devices[index] = (name, kind)
-                capture._make_maps(ring_bytes)
+                capture._make_maps(ring_bytes, fold)
                 for index, (name, kind) in sorted(devices.items()):
                     capture._tap(index, name, kind)
-                capture.filter = describe(capture.interfaces, capture._ports, capture.untapped)
+                capture.filter = capture._describe()
             except BaseException:
                 capture.close()
                 raise
         return capture
 
-    def _make_maps(self, ring_bytes: int) -> None:
+    def _make_maps(self, ring_bytes: int, fold: bool) -> None:
         ring = create_map(MAP_RINGBUF, 0, 0, ring_bytes, "depdrill_ring")
         self._fds.append(ring)
         flows = create_map(MAP_LRU_HASH, FLOW_KEY, 8, UDP_FLOW_ENTRIES, "depdrill_flows")
@@ -524,6 +576,8 @@ class EbpfCapture(ClosesOnExit):
         drops = create_map(MAP_ARRAY, 4, 8, 1, "depdrill_drops")
         self._fds.append(drops)
         self._maps = (ring, flows, drops)
+        if fold:
+            self._folds = Folds(FoldMaps.create(self._fds))
         try:
             self._ring = PacketRing(ring, ring_bytes)
         except OSError as exc:
@@ -540,7 +594,8 @@ class EbpfCapture(ClosesOnExit):
             for ingress in (True, False):
                 key = (ingress, header)
                 if key not in self._programs:
-                    code = program(*self._maps, ingress, header, self._ports)
+                    folds = None if self._folds is None else self._folds.maps
+                    code = program(*self._maps, ingress, header, self._ports, folds)
                     fd = load_program(code.assemble(), "depdrill_in" if ingress else "depdrill_out")
                     self._fds.append(fd)
                     self._programs[key] = fd
@@ -567,7 +622,20 @@ class EbpfCapture(ClosesOnExit):
                 except BpfUnavailable as exc:  # gone again, or the kernel said no
                     self.untapped.append(f"{name} ({exc})")
                     self._tapped.add(index)
-        self.filter = describe(self.interfaces, self._ports, self.untapped)
+        self.filter = self._describe()
+
+    def program_run_time(self) -> dict[str, tuple[int, int]]:
+        """(ns, runs) of the ingress and of the egress programs, summed over kinds of device:
+        counted while depdrill.bpf.run_statistics() is held open (bench/progcost.py)."""
+        totals = {"ingress": (0, 0), "egress": (0, 0)}
+        for (ingress, _), fd in self._programs.items():
+            spent, runs = run_time(fd)
+            way = "ingress" if ingress else "egress"
+            totals[way] = (totals[way][0] + spent, totals[way][1] + runs)
+        return totals
+
+    def _describe(self) -> str:
+        return describe(self.interfaces, self._ports, self.untapped, self._folds is not None)
 
     def frames(
         self, duration_s: float, stop: threading.Event | None = None, background: bool = False
@@ -580,6 +648,8 @@ class EbpfCapture(ClosesOnExit):
         ring = self._ring
         if ring is None:
             return
+        if self._folds is not None and self.on_repeat is None:
+            raise ValueError("a folding capture needs on_repeat before its frames are read")
         priority = Priority() if background else None
         deadline = time.monotonic() + duration_s
         try:
@@ -593,6 +663,7 @@ class EbpfCapture(ClosesOnExit):
                     yield from self._read(ring, READ_CHUNK)
                     if read > ring.size // BUSY_SHARE and priority is not None:
                         priority.restore()  # the host is busy for long: keep up, not lose
+                yield from self._fold_round(final=False)
                 self._follow_devices()
                 if priority is not None:
                     priority.lower()
@@ -607,6 +678,7 @@ class EbpfCapture(ClosesOnExit):
             self._detach()  # nothing more is written: what the ring holds is the rest
             while batch := self._read(ring, READ_CHUNK):
                 yield from batch
+            yield from self._fold_round(final=True)
             self._count_drops()
         finally:
             if priority is not None:
@@ -616,6 +688,18 @@ class EbpfCapture(ClosesOnExit):
         batch = ring.packets(limit)
         self.packet_count += len(batch)
         return batch
+
+    def _fold_round(self, final: bool) -> list[tuple[float, bytes]]:
+        """The questions held too long (every one, when `final`), as packets; the folds'
+        new counts go to `on_repeat`."""
+        if self._folds is None or self.on_repeat is None:
+            return []
+        held, repeats = self._folds.collect(final)
+        self.packet_count += len(held)
+        for repeat in repeats:
+            self.packet_count += 2 * repeat.times
+            self.on_repeat(repeat)
+        return held
 
     def _count_drops(self) -> None:
         drops = self._maps[2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
@@ -16,6 +17,8 @@ from depdrill.discover.capture import LiveCapture, read_pcap
 from depdrill.discover.correlate import EXAMPLES, GraphBuilder, describe
 from depdrill.discover.dissect import DNS_PORT, Dissector, PacketEvent
 from depdrill.discover.dns import DnsMessage
+from depdrill.discover.ebpf import EbpfCapture
+from depdrill.discover.fold import Repeat
 from depdrill.discover.model import (
     BlindSpot,
     BlindSpotCode,
@@ -51,6 +54,9 @@ class DiscoverOptions(Frozen):
     # "auto": the first of these that can be used there, and the graph says why not the
     # others.
     tap: TapChoice = "auto"
+    # Live, ebpf tap only: a UDP question and answer that repeat an exchange already copied
+    # are counted in the kernel (discover/fold.py); False copies every packet to depdrill.
+    fold: bool = True
     # Offline only: the service's own addresses, when guessing them from who sends DNS
     # queries is not enough (a capture taken on a host with several clients).
     service_addresses: list[str] = []
@@ -90,12 +96,14 @@ def run(
         return graph
     assert options.target is not None
     started = utcnow()
-    capture, fallback = open_tap(options.target, options.tap)
+    capture, fallback = open_tap(options.target, options.tap, options.fold)
     with contextlib.closing(capture):
         builder = GraphBuilder(
             capture.service_addresses, options.service_label(), max_names=options.max_names
         )
         dissector = Dissector()
+        if isinstance(capture, EbpfCapture):
+            capture.on_repeat = functools.partial(_add_repeat, builder, dissector)
         if ready is not None:
             ready.set()
         frames = capture.frames(options.duration_s, stop, background=True)
@@ -109,6 +117,7 @@ def run(
             bpf_filter=capture.filter if capture.tap == "packet" else "",
             nft_ruleset=capture.filter if capture.tap == "nflog" else "",
             ebpf_program=capture.filter if capture.tap == "ebpf" else "",
+            dns_folded=capture.folded if isinstance(capture, EbpfCapture) else 0,
             packets=capture.packet_count,
             dns_messages=dissector.dns_messages,
             malformed=dissector.malformed,
@@ -136,11 +145,10 @@ class Tap(Protocol):
     def close(self) -> None: ...
 
 
-def open_tap(target: Target, choice: TapChoice = "auto") -> tuple[Tap, str]:
+def open_tap(target: Target, choice: TapChoice = "auto", fold: bool = True) -> tuple[Tap, str]:
     """The capture `choice` asks for; with "auto", the first tap that opens there, and why
-    the ones before it did not ("" when the first did)."""
+    the ones before it did not ("" when the first did). `fold`: as DiscoverOptions.fold."""
     from depdrill.bpf import BpfUnavailable
-    from depdrill.discover.ebpf import EbpfCapture
     from depdrill.discover.nflog import NflogCapture, NflogUnavailable
 
     if choice == "packet":
@@ -148,10 +156,10 @@ def open_tap(target: Target, choice: TapChoice = "auto") -> tuple[Tap, str]:
     if choice == "nflog":
         return NflogCapture.open(target), ""
     if choice == "ebpf":
-        return EbpfCapture.open(target), ""
+        return EbpfCapture.open(target, fold=fold), ""
     reasons: list[str] = []
     try:
-        return EbpfCapture.open(target), ""
+        return EbpfCapture.open(target, fold=fold), ""
     except BpfUnavailable as exc:
         reasons.append(f"ebpf: {exc}")
     try:
@@ -244,6 +252,21 @@ def _feed_live(
             add(event(t, seg))
 
 
+def _add_repeat(builder: GraphBuilder, dissector: Dissector, repeat: Repeat) -> None:
+    """Exchanges the kernel counted (discover/fold.py): each message read once, its effect
+    on the graph and the capture's counts taken `repeat.times` times."""
+    parser = dissector.parser
+    messages, malformed = parser.messages, parser.malformed
+    events = []
+    for t, packet in ((repeat.question_time, repeat.question), (repeat.answer_time, repeat.answer)):
+        seg = decode_ip(packet)
+        assert seg is not None  # fold.question_packet and answer_packet make them whole
+        events.append(dissector.event(t, seg))
+    parser.messages += (parser.messages - messages) * (repeat.times - 1)
+    parser.malformed += (parser.malformed - malformed) * (repeat.times - 1)
+    builder.add_repeats(events[0], events[1], repeat.times)
+
+
 def _guess_service_addresses(packets: Iterable[tuple[float, Segment | None]]) -> list[str]:
     """Who sends DNS queries is the service; a forwarding resolver both asks and is asked."""
     asking: set[str] = set()
@@ -289,6 +312,7 @@ def merge(old: Graph, new: Graph) -> Graph:
         ebpf_program=new.capture.ebpf_program or old.capture.ebpf_program,
         packets=old.capture.packets + new.capture.packets,
         dns_messages=old.capture.dns_messages + new.capture.dns_messages,
+        dns_folded=old.capture.dns_folded + new.capture.dns_folded,
         malformed=old.capture.malformed + new.capture.malformed,
         kernel_drops=old.capture.kernel_drops + new.capture.kernel_drops,
         flows=old.capture.flows + new.capture.flows,

@@ -195,9 +195,14 @@ def _ebpf_capture(target: Target) -> str:
     from depdrill.discover.ebpf import EbpfCapture
 
     capture = _opened(
-        lambda: EbpfCapture.open(target), BpfUnavailable, "discovery captures through nflog instead"
+        lambda: EbpfCapture.open(target, fold=True),
+        BpfUnavailable,
+        "discovery captures through nflog instead",
     )
-    return f"tcx programs loaded and attached to {', '.join(capture.interfaces)}, then detached"
+    return (
+        f"tcx programs (repeated DNS exchanges counted in the kernel) loaded and attached to "
+        f"{', '.join(capture.interfaces)}, then detached"
+    )
 
 
 class _Closes(Protocol):

@@ -82,6 +82,11 @@ def scan_info(results: Results, graph: Graph | None, previous: Results | None) -
             f"{graph.target}: {seconds:.0f} s of capture from {cap.started:%Y-%m-%d %H:%M:%S} UTC, "
             f"{cap.packets} packets, {cap.dns_messages} DNS messages, {cap.flows} flows"
         )
+        if cap.dns_folded:
+            discovery += (
+                f" ({cap.dns_folded} question and answer pairs repeated one seen in full and "
+                "were counted in the kernel)"
+            )
         tap = TAPS.get(cap.tap)
         if tap:
             why = f" ({_fallback(cap.tap_fallback)})" if cap.tap_fallback else ""

@@ -219,3 +219,64 @@ def test_merge_adds_counts_widens_times_and_recounts_unnamed_flows() -> None:
     assert merged.capture.packets == first.capture.packets + second.capture.packets
     # And the merged graph is a valid graph file
     assert Graph.from_raw(json.loads(to_json(merged))).node(SERVICE_ID) is not None
+
+
+def _exchange(
+    name: str,
+    rcode: dns.rcode.Rcode = dns.rcode.NOERROR,
+    asked_as: str | None = None,
+    answer: str = "",
+) -> tuple[bytes, bytes]:
+    query = dns.message.make_query(name, "A", id=0)
+    response = dns.message.make_response(query)
+    response.set_rcode(rcode)
+    if answer:
+        response.answer.append(dns.rrset.from_text(name + ".", 60, "IN", "A", answer))
+    if asked_as is not None:  # an answer to another question than the one asked
+        response = dns.message.make_response(dns.message.make_query(asked_as, "A", id=0))
+    return query.to_wire(), response.to_wire()
+
+
+def test_repeats_counted_in_the_kernel_build_the_graph_each_exchange_would() -> None:
+    # Given exchanges of every kind the kernel can fold (answered, NXDOMAIN, an answer to
+    # another question than the one asked, a server in the namespace answering), 40 of
+    # each from ports of their own, and one question never answered
+    cases = [
+        (SVC, RES, _exchange("api.test", answer="198.19.1.7")),
+        (SVC, RES, _exchange("missing.test", dns.rcode.NXDOMAIN)),
+        (SVC, RES, _exchange("asked.test", asked_as="told.test")),
+        (RES, SVC, _exchange("inside.test", answer="198.19.1.8")),
+    ]
+    one_by_one, folded = Traffic(), Traffic()
+    last: list[tuple[float, float]] = []
+    for client, server, (question, answer) in cases:
+        for port in range(41000, 41040):
+            one_by_one.send(Segment(client, server, port, 53, "udp", question))
+            one_by_one.send(Segment(server, client, 53, port, "udp", answer))
+        last.append((one_by_one.t - 0.01, one_by_one.t))
+    silent = _exchange("silent.test")[0]
+    one_by_one.send(Segment(SVC, RES, 41999, 53, "udp", silent))
+    # When the folded side sees the first of each and is given the other 39 as repeats,
+    # timed as the last of them (port and ID zero: a fold spans them)
+    for (client, server, (question, answer)), (asked_at, told_at) in zip(cases, last, strict=True):
+        folded.send(Segment(client, server, 40999, 53, "udp", question))
+        folded.send(Segment(server, client, 53, 40999, "udp", answer))
+        ask = folded.dissector.event(asked_at, Segment(client, server, 0, 53, "udp", question))
+        told = folded.dissector.event(told_at, Segment(server, client, 53, 0, "udp", answer))
+        folded.builder.add_repeats(ask, told, 39)
+    folded.t = one_by_one.t - 0.01
+    folded.send(Segment(SVC, RES, 41999, 53, "udp", silent))
+    # Then both graphs count the same lookups, answers, rcodes and unanswered questions
+    mine, theirs = json.loads(to_json(folded.graph())), json.loads(to_json(one_by_one.graph()))
+    for graph in (mine, theirs):
+        graph.pop("created")
+        for link in graph["links"]:
+            link.pop("first_seen", None)  # the folded side's first pairs came earlier
+    assert mine == theirs
+    graph = folded.graph()
+    assert _resolved(graph, "api.test").count == 40
+    assert _resolved(graph, "missing.test").rcodes == {"NXDOMAIN": 40}
+    assert _resolved(graph, "asked.test").unanswered == 40
+    assert _resolved(graph, "told.test").count == 40
+    assert "inside.test" not in _names(graph)
+    assert _resolved(graph, "silent.test").unanswered == 1

@@ -32,6 +32,7 @@ from depdrill.bpf import (
     load_program,
 )
 from depdrill.discover.ebpf import EbpfCapture, program
+from depdrill.discover.fold import FoldMaps
 from depdrill.discover.packets import decode_ip
 from depdrill.discover.run import open_tap
 from depdrill.netns import Target, entered
@@ -197,12 +198,14 @@ def test_both_programs_pass_the_verifier_for_every_kind_of_device(scratch_net: S
         create_map(MAP_ARRAY, 4, 8, 1, "t_drops"),
     ]
     try:
-        # When each direction is built for an Ethernet header and for none
+        folds = FoldMaps.create(maps)
+        # When each direction is built for an Ethernet header and for none, folding or not
         for ingress in (True, False):
             for header in (14, 0):
-                code = program(*maps, ingress, header, (1024, 65535)).assemble()
-                # Then the kernel's verifier accepts it
-                os.close(load_program(code, "t_program"))
+                for fold in (None, folds):
+                    code = program(*maps[:3], ingress, header, (1024, 65535), fold).assemble()
+                    # Then the kernel's verifier accepts it
+                    os.close(load_program(code, "t_program"))
     finally:
         for fd in maps:
             os.close(fd)
