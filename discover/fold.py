@@ -288,6 +288,10 @@ def _answer(a: Asm, maps: FoldMaps, ring: int, drops: int, version: int) -> None
     a.alu(R1, "=", BUSY)
     a.compare_exchange(R9, ST, R1)
     a.jump("keep", R0, "!=", HELD)
+    for offset in range(0, PENDING_KEY.size, 8):  # still that question, now it cannot change
+        a.load(R0, R9, SKEY + offset, 8)
+        a.load(R1, FP, KEY + offset, 8)
+        a.jump("other" + v, R0, "!=", R1, reg=True)
     # The question is this program's now: every way out below hands it on or counts it,
     # and frees its slot. An answer it cannot fold (too long, say) goes with its question.
     a.load(R0, FP, LEN, 8)
@@ -373,6 +377,12 @@ def _answer(a: Asm, maps: FoldMaps, ring: int, drops: int, version: int) -> None
     a.label("alone" + v)  # the question to the ring, no fold begun
     _held_record(a, ring, drops, R9)
     _release(a, R9)
+    a.jump("keep")
+
+    # Another question took the slot between the look and the claim: it stays held.
+    a.label("other" + v)
+    a.alu(R1, "=", HELD)
+    a.exchange(R9, ST, R1)
     a.jump("keep")
 
 
