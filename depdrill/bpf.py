@@ -52,7 +52,6 @@ HELPER_RINGBUF_RESERVE: Final = 131
 HELPER_RINGBUF_SUBMIT: Final = 132
 HELPER_RINGBUF_DISCARD: Final = 133
 NOEXIST: Final = 1  # map update: only where the key is not yet present
-NO_PREALLOC: Final = 1  # map flags: elements allocated as they are added
 RB_NO_WAKEUP: Final = 1  # the reader polls on its own clock: no wakeup on the packet path
 
 # Instruction classes, sizes, modes, operations (linux/bpf_common.h, linux/bpf.h).
@@ -224,11 +223,9 @@ def _name(text: str) -> bytes:
     return text.encode()[:15].ljust(16, b"\0")
 
 
-def create_map(
-    kind: int, key_size: int, value_size: int, entries: int, name: str, flags: int = 0
-) -> int:
+def create_map(kind: int, key_size: int, value_size: int, entries: int, name: str) -> int:
     """A new map's descriptor (close-on-exec, as every bpf(2) descriptor)."""
-    attr = struct.pack("<IIIIIII", kind, key_size, value_size, entries, flags, 0, 0) + _name(name)
+    attr = struct.pack("<IIIIIII", kind, key_size, value_size, entries, 0, 0, 0) + _name(name)
     try:
         fd, _ = bpf(BPF_MAP_CREATE, attr)
     except OSError as exc:
