@@ -23,12 +23,29 @@ The run is a series of cycles; each cycle runs its short rounds in a fresh rando
 `off` (no capture), `again` (no capture either: the calibration) and one per tap (`--taps`,
 default all three): `ebpf`, `nflog` and `packet`, each a `depdrill.discover.run` with that
 tap in its own process, as the CLI runs it, started before the round and ready before its
-first request. Drift and other load on the box hit every arm alike. Printed: the pooled
-p50s and p99s, `again/off` (what the bench calls a difference when there is none: its
-noise) next to each `<tap>/off`, each p99 ratio with a 95 % bootstrap interval (cycles
-resampled with replacement, so each resample keeps the rounds that ran side by side
-together), and whether the target (a rise of at most 2 %) is met: only when the whole
-interval is under 1.02; "not resolved" when the interval straddles it.
+first request. Drift and other load on the box hit every arm alike. Every round begins
+with a rest (SETTLE_S, after the capture is ready): the kernel frees a closed capture's
+ring, maps and programs in deferred work for a while after it closes, and without the
+rest that work landed in whatever round came next (in 100 cycles, a round after an ebpf
+round had a median of 6 to 8 requests past the pooled p99, against 2 to 4 after the others).
+
+The twin (`--no-twin` leaves it out) is a copy of the service in a namespace of its own,
+never captured, loaded side by side with it (their requests interleaved). This VM's speed
+drifts between slow and fast spells lasting seconds (round p50s from 120 to 210 µs), and
+the twin lives through the same moments: beside it, per round, the service's p50 moves
+with the twin's (correlation 0.9), its p99 far less (0.3 to 0.5: a tail is mostly stalls
+of one process). `beside the twin` divides each ratio by the twin's: what is left is what
+the capture did to the packets of the service it captured, without what it did to the
+whole host (its CPU), which the plain ratios keep.
+
+Printed: the pooled p50s and p99s (the twin's too), `again/off` (what the bench calls a
+difference when there is none: its noise) next to each `<tap>/off`, each p99 ratio with a
+95 % bootstrap interval (cycles resampled with replacement, so each resample keeps the
+rounds that ran side by side together), and whether the target (a rise of at most 2 %)
+is met: only when the whole interval is under 1.02; "not resolved" when the interval
+straddles it. The verdict is on the plain ratio, which counts everything the capture
+costs; then each arm's p50 and p99 ratios beside the twin, with their intervals.
+
 By default every process floats over every CPU, as on a host. `--pin` is the harsh case
 for a 2-core box: the load on one CPU, and the service, dnsmasq and the capture confined
 to the other, so the capture's packet loop can only ever run on the service's own CPU.
@@ -40,12 +57,14 @@ loop's (bench/tapcost.py prices it per packet).
 
 Run as root, under the bench lock: `flock /tmp/depdrill-bench.lock .venv/bin/python -P
 bench/overhead.py [--rate N] [--seconds S] [--cycles N] [--lookup-every N]
-[--taps ebpf,nflog,packet] [--pin] [--tap-only]`.
+[--taps ebpf,nflog,packet] [--pin] [--tap-only] [--no-twin] [--settle S] [--save FILE]`;
+`--save` writes every round's latencies, as sent, with the cycles' order, for a closer look.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -53,9 +72,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 from depdrill.testing import RUN, scratch_bridge
@@ -63,6 +84,7 @@ from depdrill.testing import RUN, scratch_bridge
 PORT = 8080
 TARGET_RISE = 0.02
 RATE = 2000
+SETTLE_S = 0.3
 TAPS = ("ebpf", "nflog", "packet")
 # Not run by default: the ebpf tap copying every DNS packet to depdrill, as it did before
 # it counted repeated exchanges in the kernel (DiscoverOptions.fold False).
@@ -141,8 +163,8 @@ for line in sys.stdin:
 
 @dataclass
 class World:
-    service: str
-    address: str
+    service: str  # the namespace captured
+    addresses: list[str]  # the service's, and its twin's when there is one
 
 
 def _start(argv: list[str], **kwargs: Any) -> subprocess.Popen[str]:
@@ -155,12 +177,13 @@ def _start(argv: list[str], **kwargs: Any) -> subprocess.Popen[str]:
 
 
 @contextmanager
-def world(pin: list[str], lookup_every: int = 1) -> Iterator[World]:
-    """The service (.10) and dnsmasq (.53) on a bridge whose host side is .1; `pin`: taskset."""
+def world(pin: list[str], lookup_every: int = 1, twin: bool = False) -> Iterator[World]:
+    """The service (.10), with `twin` a copy of it (.11), and dnsmasq (.53) on a bridge
+    whose host side is .1; `pin`: taskset."""
     procs: list[subprocess.Popen[str]] = []
     with scratch_bridge(0, f"ddto{RUN}") as net:
         try:
-            service, dns = net.add("svc", 10), net.add("dns", 53)
+            dns = net.add("dns", 53)
             procs.append(
                 subprocess.Popen(
                     ["ip", "netns", "exec", dns, *pin, "dnsmasq", "--keep-in-foreground",
@@ -172,8 +195,10 @@ def world(pin: list[str], lookup_every: int = 1) -> Iterator[World]:
             )  # fmt: skip
             time.sleep(0.3)
             service_argv = [sys.executable, "-c", SERVICE, net.address(53), str(lookup_every)]
-            procs.append(_start(["ip", "netns", "exec", service, *pin, *service_argv]))
-            yield World(service, net.address(10))
+            copies = [(net.add(f"svc{n}", 10 + n), net.address(10 + n)) for n in range(1 + twin)]
+            for namespace, _ in copies:
+                procs.append(_start(["ip", "netns", "exec", namespace, *pin, *service_argv]))
+            yield World(copies[0][0], [address for _, address in copies])
         finally:
             for proc in procs:
                 proc.kill()
@@ -183,7 +208,13 @@ def world(pin: list[str], lookup_every: int = 1) -> Iterator[World]:
 
 
 def load(address: str, rate: int, seconds: float) -> list[float]:
-    """Requests at `rate`/s for `seconds`, one connection each; each one's latency in µs.
+    """Requests to one service at `rate`/s for `seconds`: `load_side_by_side` of one."""
+    return load_side_by_side([address], rate, seconds)[0]
+
+
+def load_side_by_side(addresses: list[str], rate: int, seconds: float) -> list[list[float]]:
+    """Requests at `rate`/s to each address for `seconds`, one connection each, the
+    services' turns interleaved evenly; each one's latencies in µs.
 
     A request's latency is what an ideal open-loop client would have seen: it arrives when
     due, waits while the (single-threaded) service finishes the ones before it, then takes
@@ -193,18 +224,25 @@ def load(address: str, rate: int, seconds: float) -> list[float]:
     (it is not the service: seen here as sends that left up to 4 ms late) adds nothing.
     """
     interval_ns = 10**9 // rate
-    taken: list[int] = []
+    turn_ns = interval_ns // len(addresses)
+    taken: list[list[int]] = [[] for _ in addresses]
     start = time.perf_counter_ns() + 1_000_000
     for i in range(int(rate * seconds)):
-        due = start + i * interval_ns
-        while (wait := due - time.perf_counter_ns()) > 0:
-            time.sleep(wait / 1e9)
-        began = time.perf_counter_ns()
-        with socket.create_connection((address, PORT), timeout=5) as conn:
-            conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            while conn.recv(4096):
-                pass
-        taken.append(time.perf_counter_ns() - began)
+        for k, address in enumerate(addresses):
+            due = start + i * interval_ns + k * turn_ns
+            while (wait := due - time.perf_counter_ns()) > 0:
+                time.sleep(wait / 1e9)
+            began = time.perf_counter_ns()
+            with socket.create_connection((address, PORT), timeout=5) as conn:
+                conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                while conn.recv(4096):
+                    pass
+            taken[k].append(time.perf_counter_ns() - began)
+    return [_queued(one, interval_ns) for one in taken]
+
+
+def _queued(taken: list[int], interval_ns: int) -> list[float]:
+    """Latencies (µs) of requests due every `interval_ns` that each took `taken` ns."""
     latencies = []
     free_at = 0  # when the service finished the request before this one
     for i, service_ns in enumerate(taken):
@@ -221,41 +259,58 @@ def quantile(ordered: list[float], q: float) -> float:
 
 @dataclass
 class Arm:
-    """One arm's rounds, each kept sorted, in cycle order (round i ran in cycle i)."""
+    """One arm's rounds in cycle order (round i ran in cycle i), each kept sorted: the
+    service's, and its twin's at the same moments."""
 
     rounds: list[list[float]] = field(default_factory=list)
+    twin: list[list[float]] = field(default_factory=list)
+    raw: list[list[list[float]]] = field(default_factory=list)  # as sent, for --save
 
-    def pooled(self, q: float) -> float:
-        return quantile(sorted(v for r in self.rounds for v in r), q)
+    def record(self, latencies: list[list[float]]) -> None:
+        self.rounds.append(sorted(latencies[0]))
+        if len(latencies) > 1:
+            self.twin.append(sorted(latencies[1]))
+        self.raw.append(latencies)
+
+    def pooled(self, q: float, twin: bool = False) -> float:
+        return quantile(sorted(v for r in (self.twin if twin else self.rounds) for v in r), q)
 
 
 def tail_ratio(num: Arm, den: Arm, cycles: list[int], q: float = 0.99) -> float:
     """The pooled q-quantile of `num`'s rounds over `den`'s, both taken from `cycles`."""
-    return _upper(num, cycles, q) / _upper(den, cycles, q)
+    return _upper(num.rounds, cycles, q) / _upper(den.rounds, cycles, q)
 
 
-def _upper(arm: Arm, cycles: list[int], q: float) -> float:
+def beside_twin(num: Arm, den: Arm, cycles: list[int], q: float) -> float:
+    """tail_ratio over the twin's: what the host's slow and fast spells did to both copies
+    cancels, and with it whatever the capture did to the whole host (its CPU): what is
+    left is what it did to the packets of the service it captured."""
+    return tail_ratio(num, den, cycles, q) / (
+        _upper(num.twin, cycles, q) / _upper(den.twin, cycles, q)
+    )
+
+
+def _upper(rounds: list[list[float]], cycles: list[int], q: float) -> float:
     # The pooled quantile from each round's largest values alone: the k-th largest of the
     # union needs at most k values of any round, and usually far fewer. Take a few times the
     # fair share first; if some round had all its taken values above the answer, it may
     # hold more, so take everything that could count and look again.
-    total = sum(len(arm.rounds[c]) for c in cycles)
+    total = sum(len(rounds[c]) for c in cycles)
     k = total - max(1, math.ceil(q * total)) + 1
     share = 4 * k // len(cycles) + 8
     while True:
-        taken = [arm.rounds[c][-share:] for c in cycles]
+        taken = [rounds[c][-share:] for c in cycles]
         top = sorted(v for t in taken for v in t)[-k]
         if share >= k or all(len(t) < share or t[0] < top for t in taken):
             return top
         share = k
 
 
-def bootstrap(num: Arm, den: Arm, resamples: int, rng: random.Random) -> tuple[float, float]:
-    """A 95 % percentile interval of the pooled p99 ratio, resampling whole cycles."""
-    n = len(den.rounds)
-    ratios = sorted(
-        tail_ratio(num, den, [rng.randrange(n) for _ in range(n)]) for _ in range(resamples)
-    )
+def bootstrap(
+    ratio: Callable[[list[int]], float], cycles: int, resamples: int, rng: random.Random
+) -> tuple[float, float]:
+    """A 95 % percentile interval of `ratio`, resampling whole cycles."""
+    ratios = sorted(ratio([rng.randrange(cycles) for _ in range(cycles)]) for _ in range(resamples))
     return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
 
 
@@ -270,13 +325,14 @@ class Tap:
     cpu: float = 0.0
     interfaces: str = ""
 
-    def round(self, address: str, rate: int, seconds: float) -> None:
+    def round(self, addresses: list[str], rate: int, seconds: float, settle: float) -> None:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write("start\n")
         self.proc.stdin.flush()
         if "capturing" not in self.proc.stdout.readline():
             raise RuntimeError("the capture did not start")
-        self.arm.rounds.append(sorted(load(address, rate, seconds)))
+        time.sleep(settle)
+        self.arm.record(load_side_by_side(addresses, rate, seconds))
         self.proc.stdin.write("stop\n")
         self.proc.stdin.flush()
         messages, lost, self.interfaces, used = self.proc.stdout.readline().split()
@@ -315,6 +371,18 @@ def main() -> int:
         action="store_true",
         help="open the capture, never read it (the kernel's part)",
     )
+    parser.add_argument(
+        "--twin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="load a copy of the service, never captured, side by side with it",
+    )
+    parser.add_argument(
+        "--settle", type=float, default=SETTLE_S, help="seconds of rest before each round"
+    )
+    parser.add_argument(
+        "--save", metavar="FILE", help="write every round's latencies (µs, as sent) as JSON"
+    )
     args = parser.parse_args()
     chosen = [t for t in args.taps.split(",") if t]
     if not chosen or set(chosen) - set(TAPS + VARIANTS):
@@ -333,7 +401,7 @@ def main() -> int:
     script = TAP_ONLY if args.tap_only else CAPTURE
     if args.lookup_every < 1:
         parser.error("--lookup-every takes a positive count")
-    with world(pin, args.lookup_every) as w:
+    with world(pin, args.lookup_every, args.twin) as w:
         taps = {
             name: Tap(
                 _start(
@@ -345,22 +413,32 @@ def main() -> int:
         }
         if pin:
             os.sched_setaffinity(0, cpus[:1])
-        load(w.address, args.rate, 1.0)  # warm up: caches, the first dnsmasq answers
+        addresses = w.addresses
+        load_side_by_side(addresses, args.rate, 1.0)  # warm up: caches, dnsmasq's first answers
         names = ["off", "again", *taps]
+        orders = []
         for _ in range(args.cycles):
             rng.shuffle(names)
+            orders.append(list(names))
             for name in names:
                 if name in taps:
-                    taps[name].round(w.address, args.rate, args.seconds)
+                    taps[name].round(addresses, args.rate, args.seconds, args.settle)
                 else:
+                    time.sleep(args.settle)
                     arm = off if name == "off" else again
-                    arm.rounds.append(sorted(load(w.address, args.rate, args.seconds)))
+                    arm.record(load_side_by_side(addresses, args.rate, args.seconds))
         for tap in taps.values():
             tap.close()
     elapsed = time.monotonic() - started
+    if args.save:
+        every = {"off": off, "again": again, **{n: t.arm for n, t in taps.items()}}
+        saved = {"order": orders, "rounds": {n: a.raw for n, a in every.items()}}
+        Path(args.save).write_text(json.dumps(saved))
     requests = sum(map(len, off.rounds))
     print(
-        f"{requests} requests per arm at {args.rate}/s open-loop, {args.cycles} cycles of "
+        f"{requests} requests per arm at {args.rate}/s open-loop"
+        + (" (and as many to the twin)" if args.twin else "")
+        + f", {args.cycles} cycles of "
         f"{len(names)} {args.seconds:g} s rounds ({', '.join(['off', 'again', *taps])}) in "
         f"random order, {elapsed:.0f} s; load on CPU {cpus[0] if pin else 'any'}; a lookup "
         f"every {args.lookup_every} request(s)"
@@ -374,18 +452,22 @@ def main() -> int:
             f"kernel drops {tap.drops}, capturing on {tap.interfaces}; the capture process took "
             f"{tap.cpu / (args.cycles * args.seconds):.1%} of a CPU while capturing"
         )
+    arms = [("again", again), *((n, t.arm) for n, t in taps.items())]
     for q, label in ((0.5, "p50"), (0.99, "p99")):
-        base = off.pooled(q)
-        arms = [("again", again), *((n, t.arm) for n, t in taps.items())]
-        print(
-            f"{label}: off {base:.0f} µs, "
-            + ", ".join(f"{n} {a.pooled(q):.0f} µs (x{a.pooled(q) / base:.3f})" for n, a in arms)
-        )
+        for twin in (False, True)[: 1 + args.twin]:
+            base = off.pooled(q, twin)
+            print(
+                f"{label}{' twin' if twin else ''}: off {base:.0f} µs, "
+                + ", ".join(
+                    f"{n} {a.pooled(q, twin):.0f} µs (x{a.pooled(q, twin) / base:.3f})"
+                    for n, a in arms
+                )
+            )
     everything = list(range(args.cycles))
     limit = 1 + TARGET_RISE
-    for name, arm in [("again", again), *((n, t.arm) for n, t in taps.items())]:
+    for name, arm in arms:
         rise = tail_ratio(arm, off, everything)
-        low, high = bootstrap(arm, off, args.resamples, rng)
+        low, high = bootstrap(partial(tail_ratio, arm, off), args.cycles, args.resamples, rng)
         if name == "again":
             verdict = "the bench's noise"
         elif high <= limit:
@@ -397,6 +479,13 @@ def main() -> int:
         print(
             f"p99 {name + '/off':12} {rise:.3f}, 95 % interval [{low:.3f}, {high:.3f}]: {verdict}"
         )
+    for name, arm in arms if args.twin else []:
+        shares = []
+        for q, label in ((0.5, "p50"), (0.99, "p99")):
+            ratio = partial(beside_twin, arm, off, q=q)
+            low, high = bootstrap(ratio, args.cycles, args.resamples, rng)
+            shares.append(f"{label} {ratio(everything):.3f} [{low:.3f}, {high:.3f}]")
+        print(f"{name + '/off':16} beside the twin: {', '.join(shares)}")
     return 0
 
 

@@ -87,7 +87,7 @@ def main() -> int:
             for _ in range(args.cycles):
                 for name in rng.sample(ARMS, len(ARMS)):
                     ingress, egress, per_request = one_round(
-                        world.service, world.address, name == "fold", args.rate, args.seconds
+                        world.service, world.addresses[0], name == "fold", args.rate, args.seconds
                     )
                     arm = arms[name]
                     arm.ingress.append(ingress)
