@@ -401,6 +401,8 @@ def main() -> int:
     script = TAP_ONLY if args.tap_only else CAPTURE
     if args.lookup_every < 1:
         parser.error("--lookup-every takes a positive count")
+    if args.settle < 0:
+        parser.error("--settle takes seconds, 0 or more")
     with world(pin, args.lookup_every, args.twin) as w:
         taps = {
             name: Tap(
