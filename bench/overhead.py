@@ -325,14 +325,16 @@ class Tap:
     cpu: float = 0.0
     interfaces: str = ""
 
-    def round(self, addresses: list[str], rate: int, seconds: float, settle: float) -> None:
+    def start(self) -> None:
+        """Returns once the capture is ready."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write("start\n")
         self.proc.stdin.flush()
         if "capturing" not in self.proc.stdout.readline():
             raise RuntimeError("the capture did not start")
-        time.sleep(settle)
-        self.arm.record(load_side_by_side(addresses, rate, seconds))
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write("stop\n")
         self.proc.stdin.flush()
         messages, lost, self.interfaces, used = self.proc.stdout.readline().split()
@@ -387,6 +389,10 @@ def main() -> int:
     chosen = [t for t in args.taps.split(",") if t]
     if not chosen or set(chosen) - set(TAPS + VARIANTS):
         parser.error(f"--taps takes {', '.join(TAPS + VARIANTS)}")
+    if args.lookup_every < 1:
+        parser.error("--lookup-every takes a positive count")
+    if args.settle < 0:
+        parser.error("--settle takes seconds, 0 or more")
     if os.geteuid() != 0:
         print("bench/overhead.py needs root (network namespaces)")
         return 2
@@ -399,10 +405,6 @@ def main() -> int:
     rng = random.Random()
     started = time.monotonic()
     script = TAP_ONLY if args.tap_only else CAPTURE
-    if args.lookup_every < 1:
-        parser.error("--lookup-every takes a positive count")
-    if args.settle < 0:
-        parser.error("--settle takes seconds, 0 or more")
     with world(pin, args.lookup_every, args.twin) as w:
         taps = {
             name: Tap(
@@ -415,20 +417,21 @@ def main() -> int:
         }
         if pin:
             os.sched_setaffinity(0, cpus[:1])
-        addresses = w.addresses
-        load_side_by_side(addresses, args.rate, 1.0)  # warm up: caches, dnsmasq's first answers
+        load_side_by_side(w.addresses, args.rate, 1.0)  # warm up: caches, dnsmasq's first answers
         names = ["off", "again", *taps]
         orders = []
         for _ in range(args.cycles):
             rng.shuffle(names)
             orders.append(list(names))
             for name in names:
-                if name in taps:
-                    taps[name].round(addresses, args.rate, args.seconds, args.settle)
-                else:
-                    time.sleep(args.settle)
-                    arm = off if name == "off" else again
-                    arm.record(load_side_by_side(addresses, args.rate, args.seconds))
+                tap = taps.get(name)
+                if tap is not None:
+                    tap.start()
+                time.sleep(args.settle)
+                arm = off if name == "off" else again if tap is None else tap.arm
+                arm.record(load_side_by_side(w.addresses, args.rate, args.seconds))
+                if tap is not None:
+                    tap.stop()
         for tap in taps.values():
             tap.close()
     elapsed = time.monotonic() - started
@@ -458,12 +461,10 @@ def main() -> int:
     for q, label in ((0.5, "p50"), (0.99, "p99")):
         for twin in (False, True)[: 1 + args.twin]:
             base = off.pooled(q, twin)
+            values = [(n, a.pooled(q, twin)) for n, a in arms]
             print(
                 f"{label}{' twin' if twin else ''}: off {base:.0f} µs, "
-                + ", ".join(
-                    f"{n} {a.pooled(q, twin):.0f} µs (x{a.pooled(q, twin) / base:.3f})"
-                    for n, a in arms
-                )
+                + ", ".join(f"{n} {v:.0f} µs (x{v / base:.3f})" for n, v in values)
             )
     everything = list(range(args.cycles))
     limit = 1 + TARGET_RISE
