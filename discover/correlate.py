@@ -171,7 +171,7 @@ class GraphBuilder:
     # -- events --------------------------------------------------------------------------
 
     def add(self, ev: PacketEvent) -> None:
-        self.last_time = ev.time if self.last_time is None else max(self.last_time, ev.time)
+        self._saw(ev.time)
         outbound = ev.src in self.service_addresses
         inbound = ev.dst in self.service_addresses
         for message in ev.dns:
@@ -215,13 +215,16 @@ class GraphBuilder:
                 self.add(answer)
             return
         assert asked is not None and told is not None and asked.qname is not None
-        self.last_time = answer.time if self.last_time is None else max(self.last_time, answer.time)
+        self._saw(answer.time)
         self._resolver(question.dst, question.dport, "dns").hit(question.time, count)
         name = self._name(asked.qname, lookup=True)
         lookups = self._lookups_of(name)
         lookups.hit(question.time, count)
         lookups.qtypes.add(asked.qtype or "?")
         self._answered(name, lookups, answer, told, count)
+
+    def _saw(self, t: float) -> None:
+        self.last_time = t if self.last_time is None else max(self.last_time, t)
 
     def _query(self, ev: PacketEvent, msg: DnsMessage) -> None:
         resolver = self._resolver(ev.dst, ev.dport, "dns")
